@@ -1,0 +1,63 @@
+"""Datasets: one `Sample` interface over several on-disk layouts.
+
+Each layout lives in its own module exposing
+
+    Config                      a dataclass of the layout's keys (see docs/datasets.md)
+    build(config, base_dir, strict) -> SegDataset
+
+and is registered in `LAYOUTS` below. A dataset config is a mapping with `kind:` plus
+that layout's keys; relative paths resolve against `base_dir` (the config file's folder).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping
+
+from weakseg.config import from_mapping, load_yaml
+from weakseg.data.base import SegDataset, Sample
+from weakseg.errors import ConfigError
+
+# kind -> module under weakseg.data
+LAYOUTS = {
+    "voc": "voc",
+    "folder": "folder",
+    "nyu": "nyu",
+    "coco": "coco",
+    "synthetic": "synthetic",
+}
+
+
+def layout_module(kind: str):
+    if kind not in LAYOUTS:
+        raise ConfigError(f"dataset.kind: {kind!r} is not allowed; allowed values: {', '.join(LAYOUTS)}")
+    return importlib.import_module(f"weakseg.data.{LAYOUTS[kind]}")
+
+
+def build_dataset(
+    mapping: Mapping[str, Any], base_dir: str | Path | None = None, strict: bool = True, prefix: str = "dataset"
+) -> SegDataset:
+    """Build a dataset from a config mapping (`kind` + the layout's keys)."""
+    if not isinstance(mapping, Mapping) or "kind" not in mapping:
+        raise ConfigError(f"{prefix}.kind: required key is missing; allowed values: {', '.join(LAYOUTS)}")
+    options = dict(mapping)
+    kind = options.pop("kind")
+    module = layout_module(kind)
+    config = from_mapping(module.Config, options, prefix)
+    return module.build(config, Path(base_dir) if base_dir is not None else None, strict)
+
+
+def load_dataset_config(path: str | Path) -> dict:
+    """A dataset config file holds the dataset keys at top level or under `dataset:`."""
+    data = load_yaml(path)
+    if "dataset" in data and isinstance(data["dataset"], dict):
+        return data["dataset"]
+    return data
+
+
+def dataset_from_file(path: str | Path, strict: bool = True) -> SegDataset:
+    return build_dataset(load_dataset_config(path), Path(path).parent, strict)
+
+
+__all__ = ["Sample", "SegDataset", "build_dataset", "dataset_from_file", "load_dataset_config", "LAYOUTS"]
