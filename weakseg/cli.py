@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Weakly supervised semantic segmentation from image-level labels.",
 )
+out_console = Console()  # results go to stdout; progress and errors to stderr
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
 app.add_typer(data_app, name="data")
 
@@ -71,10 +73,10 @@ def evaluate(
         summary = evaluate_step.run(
             pred, gt, classes, json_out, background, on_image=lambda i, n: bars.update(task, completed=i, total=n)
         )
-    console.print(_metrics_table(summary, f"{summary['num_images']} images"))
-    console.print("classes absent from both ground truth and prediction: n/a, left out of the means")
+    out_console.print(_metrics_table(summary, f"{summary['num_images']} images"))
+    out_console.print("classes absent from both ground truth and prediction: n/a, left out of the means")
     if json_out is not None:
-        console.print(f"wrote {json_out}")
+        out_console.print(f"wrote {json_out}")
 
 
 @data_app.command("check")
@@ -89,7 +91,7 @@ def data_check(config: Path = typer.Argument(..., help="Dataset config YAML (kin
     if problems:
         for problem in problems:
             typer.echo(f"ERROR {problem}", err=False)
-        typer.echo(f"{len(problems)} problem(s) in {len(dataset)} listed samples of {dataset.name}")
+        typer.echo(f"{len(problems)} problem(s) in {dataset.name}")
         raise typer.Exit(code=1)
     typer.echo(
         f"OK: {len(dataset)} samples, {dataset.num_classes} classes"

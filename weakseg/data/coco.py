@@ -223,7 +223,9 @@ def build(config: Config, base_dir: Path | None, strict: bool) -> CocoDataset:
             continue
         sample_id = str(PurePosixPath(file_name.replace("\\", "/")).with_suffix(""))
         if image_id in images or sample_id in seen_ids:
-            problems.append(DataError(annotations_path, f"images[{i}]: image id {image_id} or file {file_name!r} given twice"))
+            problems.append(
+                DataError(annotations_path, f"images[{i}]: image id {image_id} or file {file_name!r} given twice")
+            )
             continue
         if not path.is_file():
             problems.append(DataError(path, f"image does not exist (listed in {annotations_path.name})"))

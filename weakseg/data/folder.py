@@ -448,7 +448,8 @@ def build_folder(config: Config, base_dir: Path | None, strict: bool, kind: str 
         candidates = images.find(image_id)
         image = candidates[0] if candidates else None
         if not candidates:
-            found.append(DataError(image_dir / image_id, f"no image for id {image_id!r}{listed_in}"))
+            hint = " (ids are file names without extension)" if image_id.lower().endswith(IMAGE_EXTENSIONS) else ""
+            found.append(DataError(image_dir / image_id, f"no image for id {image_id!r}{listed_in}{hint}"))
         elif len(candidates) > 1:
             shown = ", ".join(p.name for p in candidates)
             found.append(DataError(candidates[0], f"several images for id {image_id!r} ({shown}); keep one"))
@@ -468,7 +469,8 @@ def build_folder(config: Config, base_dir: Path | None, strict: bool, kind: str 
             elif depth_files:
                 depth = depth_files[0]
             elif config.require_depth:
-                found.append(DataError(depth_dir / f"{image_id}.png", f"depth map does not exist (require_depth){listed_in}"))
+                missing = depth_dir / f"{image_id}.png"
+                found.append(DataError(missing, f"depth map does not exist (require_depth){listed_in}"))
         class_ids = None
         if labels_path is not None:
             if image_id in labels:

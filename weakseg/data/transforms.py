@@ -250,7 +250,9 @@ def build_augment(config: AugmentConfig, prefix: str = "augment") -> Compose:
     if config.crop_size is not None:
         size = [config.crop_size] * 2 if isinstance(config.crop_size, int) else list(config.crop_size)
         if len(size) != 2 or any(s <= 0 for s in size):
-            raise ConfigError(f"{prefix}.crop_size: expected a positive side or [height, width], got {config.crop_size}")
+            raise ConfigError(
+                f"{prefix}.crop_size: expected a positive side or [height, width], got {config.crop_size}"
+            )
         steps.append(RandomCrop(size[0], size[1], config.image_fill))
     if config.hflip_prob > 0:
         steps.append(RandomHorizontalFlip(config.hflip_prob))
