@@ -1,0 +1,63 @@
+"""Typed config: key checking, Literal values, overrides, safe YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from weakseg.config import apply_overrides, from_mapping, load_yaml
+from weakseg.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 0.1
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    limit: int | None = None
+
+
+def test_values_and_nested():
+    cfg = from_mapping(Outer, {"name": "x", "inner": {"lr": 1, "optimizer": "adamw"}, "scales": [0.5, 1]})
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float) and cfg.inner.optimizer == "adamw"
+    assert cfg.scales == [0.5, 1.0] and cfg.limit is None
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"name": "x", "inner": {"lrr": 1}}, "inner.lrr: unknown key; allowed keys: lr, optimizer"),
+        ({"name": "x", "inner": {"optimizer": "adam"}}, "inner.optimizer: 'adam' is not allowed; allowed values: sgd, adamw"),
+        ({"name": "x", "limit": "many"}, "limit: expected an integer"),
+        ({"name": "x", "limit": True}, "limit: expected an integer"),
+        ({}, "name: required key is missing"),
+    ],
+)
+def test_errors_name_key_and_allowed_values(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_mapping(Outer, data)
+
+
+def test_overrides():
+    data = apply_overrides({"inner": {"lr": 0.1}}, ["inner.lr=0.5", "scales=[0.5, 2]", "name=run1"])
+    cfg = from_mapping(Outer, data)
+    assert cfg.inner.lr == 0.5 and cfg.scales == [0.5, 2.0] and cfg.name == "run1"
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["nonsense"])
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("a: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "nope.yaml")
