@@ -1,0 +1,119 @@
+"""FSL: the windowed implementation against a looped all-pairs reference written from icam
+eq. 9-13 (value and gradient), the truncation bound, learnable mu/sigma, and finiteness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from weakseg.losses.fsl import (
+    feature_similarity_loss,
+    feature_similarity_loss_all_pairs,
+    gate_input,
+    similarity_activation,
+    window_truncation_bound,
+)
+
+
+def looped_reference(p, image, mask, mu, sigma, metric):
+    """Every ordered pair of pixels, term by term, exactly as icam eq. 9-13 (with the 1/(HW)
+    normalisation of DEAL eq. 11) and the hfpl class mask."""
+    b, c, h, w = p.shape
+    total = p.new_zeros(())
+    for n in range(b):
+        for i in range(h * w):
+            yi, xi = divmod(i, w)
+            for j in range(h * w):
+                yj, xj = divmod(j, w)
+                wij = math.exp(-((yi - yj) ** 2 + (xi - xj) ** 2) / (2 * sigma**2)) / (2 * math.pi * sigma**2)
+                diff = image[n, :, yi, xi] - image[n, :, yj, xj]
+                d = diff.abs().sum() / 3 if metric == "l1" else diff.pow(2).sum().sqrt() / 3
+                d = d.clamp(1e-5, 1 - 1e-5)
+                f = torch.tanh(mu + torch.log(d / (1 - d)))
+                g = 0.5 * (mask[n] * (p[n, :, yi, xi] - p[n, :, yj, xj]) ** 2).sum()
+                total = total - wij * g * f
+    return total / (b * h * w)
+
+
+@pytest.mark.parametrize("metric", ["l1", "l2"])
+def test_windowed_equals_looped_reference_when_window_covers_image(metric):
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    ours = feature_similarity_loss(p, image, mask, mu=2.5, sigma=1.5, radius=10, metric=metric)
+    (grad_ours,) = torch.autograd.grad(ours, p)
+    ref = looped_reference(p, image, mask, 2.5, 1.5, metric)
+    (grad_ref,) = torch.autograd.grad(ref, p)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-10, abs=1e-14)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-9, atol=1e-13)
+
+
+def test_all_pairs_matrix_version_equals_loops():
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    image = torch.rand(1, 3, 3, 4, generator=g, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.float64)
+    a = feature_similarity_loss_all_pairs(p, image, mask, 2.5, 2.0, "l1")
+    assert a.item() == pytest.approx(looped_reference(p, image, mask, 2.5, 2.0, "l1").item(), rel=1e-12)
+
+
+def test_truncated_window_within_bound_and_gradient_close():
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(1, 4, 24, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(1, 3, 24, 24, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    sigma = 3.0
+    windowed = feature_similarity_loss(p, image, mask, sigma=sigma)  # radius ceil(3 sigma) = 9
+    full = feature_similarity_loss_all_pairs(p, image, mask, sigma=sigma)
+    bound = window_truncation_bound(sigma, 9, num_present=3)
+    assert 0 < abs(windowed.item() - full.item()) <= bound
+    (gw,) = torch.autograd.grad(windowed, p)
+    (gf,) = torch.autograd.grad(full, p)
+    assert (gw - gf).abs().max() < 0.05 * gf.abs().max()
+
+
+def test_learnable_mu_sigma_path_matches_and_gets_gradients():
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(1, 3, 6, 7, generator=g, dtype=torch.float64)
+    mu = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    learn = feature_similarity_loss(p, image, None, mu=mu, sigma=sigma, radius=12)
+    fixed = feature_similarity_loss(p, image, None, mu=2.5, sigma=1.5, radius=12)
+    assert learn.item() == pytest.approx(fixed.item(), rel=1e-12)
+    grads = torch.autograd.grad(learn, (p, mu, sigma))
+    assert all(torch.isfinite(t).all() for t in grads)
+    assert grads[1].item() < 0  # hfpl §4.3: d L / d mu is always negative
+
+
+def test_similar_pixels_pull_predictions_together_dissimilar_push_apart():
+    image = torch.zeros(1, 3, 1, 2, dtype=torch.float64)
+    p = torch.tensor([[[[0.2, 0.8]]]], dtype=torch.float64, requires_grad=True)
+    loss = feature_similarity_loss(p, image, sigma=1.0)
+    (grad,) = torch.autograd.grad(loss, p)
+    assert loss.item() > 0 and grad[0, 0, 0, 0] < 0 < grad[0, 0, 0, 1]  # descent moves them together
+    image[..., 1] = 1.0  # opposite colours: d = 1
+    loss = feature_similarity_loss(p, image, sigma=1.0)
+    (grad,) = torch.autograd.grad(loss, p)
+    assert loss.item() < 0 and grad[0, 0, 0, 0] > 0 > grad[0, 0, 0, 1]  # descent pushes them apart
+
+
+def test_activation_finite_at_the_ends():
+    d = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    f = similarity_activation(d, 2.5)
+    assert torch.isfinite(f).all() and f[0] < -0.99 and f[1] > 0.99
+    (grad,) = torch.autograd.grad(f.sum(), d)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("gate", ["r", "b", "s", "a"])
+def test_gate_inputs_give_finite_gradients_at_saturation(gate):
+    scores = torch.tensor([0.0, 1e4, -1e4, 3.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1).double().requires_grad_()
+    image = torch.rand(1, 3, 2, 2, dtype=torch.float64)
+    p = gate_input(scores, gate, background_channel=0)
+    loss = feature_similarity_loss(p, image, sigma=1.0)
+    (grad,) = torch.autograd.grad(loss, scores)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()

@@ -1,0 +1,226 @@
+"""Feature similarity loss (FSL): CAM contours should follow colour edges.
+
+icam eq. 9-13, with the binomial adaptations of hfpl §4.3 and the L2 colour distance of
+DEAL eq. 11:
+
+    L_fs = -1/(HW) * sum_{i,j} w_ij * g(p_i, p_j) * f(d(x_i, x_j))
+    w_ij = exp(-|pos_i - pos_j|^2 / (2 sigma^2)) / (2 pi sigma^2)        (icam eq. 10)
+    g    = 1/2 * sum_c m_c (p_ic - p_jc)^2                                 (icam eq. 11)
+    f(d) = tanh(mu + log(d / (1 - d)))                                     (icam eq. 12)
+    d    = |x_i - x_j|_1 / 3  (icam eq. 13)   or   |x_i - x_j|_2 / 3  (DEAL eq. 11)
+
+Normalisation: icam eq. 9 writes 1/(HW)^2, which is the right scale when every pair has
+weight 1/(HW); with the Gaussian w (which sums to ~1 over j) the per-image sum is divided by
+HW, as DEAL eq. 11 writes it and as the public ICAM/hfpl code computes it. The loss is
+averaged over the batch. m_c masks classes absent from the image (hfpl §4.3); with the
+multinomial input every channel counts (icam).
+
+The gate input p is chosen by `gate`: "r" the max-normalised CAM ReLU(s)/max s (hfpl
+default, eq. 4), "b" sigmoid(s) (hfpl eq. 14), "s" raw scores, "a" softmax over the C+1
+channels with background (icam eq. 1). The image x is RGB in [0, 1], resized to the CAM grid.
+
+Window: pairs farther apart than `radius` (default ceil(3 sigma)) are dropped. The dropped
+share of the Gaussian weight around a pixel is about exp(-radius^2 / (2 sigma^2)) (the 2-D
+tail outside a disk: 1.1 % at 3 sigma); since |g f| <= C_present / 2 for p in [0, 1], the
+absolute truncation error per image is at most C_present / 2 times that tail.
+`window_truncation_bound` computes the bound with the exact lattice sum, and the tests check
+that the windowed loss stays within it of the all-pairs loss.
+
+`feature_similarity_loss` visits each window offset once (both orders of a pair share it)
+and, with fixed mu and sigma, computes the gradient in the same pass (a custom autograd
+function), so memory stays O(B C H W) instead of O(B C (HW)^2) for all pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATION_EPS = 1e-5
+
+
+def similarity_activation(d: torch.Tensor, mu: float | torch.Tensor, eps: float = ACTIVATION_EPS) -> torch.Tensor:
+    """f(d) = tanh(mu + log(d/(1-d))) (icam eq. 12), d clamped to [eps, 1-eps] so the logit is
+    finite at d = 0 (identical colours) and d = 1."""
+    d = d.clamp(eps, 1.0 - eps)
+    return torch.tanh(mu + torch.log(d) - torch.log1p(-d))
+
+
+def colour_distance(x_a: torch.Tensor, x_b: torch.Tensor, metric: Literal["l1", "l2"] = "l1") -> torch.Tensor:
+    """d over the channel dim, divided by 3 (icam eq. 13 for l1; DEAL eq. 11 for l2)."""
+    diff = x_a - x_b
+    if metric == "l1":
+        return diff.abs().sum(dim=1) / 3.0
+    if metric == "l2":
+        return diff.pow(2).sum(dim=1).sqrt() / 3.0
+    raise ValueError(f"colour distance must be 'l1' or 'l2', got {metric!r}")
+
+
+def default_radius(sigma: float) -> int:
+    return int(math.ceil(3.0 * float(sigma)))
+
+
+def window_truncation_bound(sigma: float, radius: int, num_present: int) -> float:
+    """Upper bound on |L_window - L_all_pairs| for one image with p in [0, 1]: C_present/2
+    times the lattice sum of w over offsets outside the window (computed, not approximated)."""
+    reach = int(math.ceil(12 * sigma)) + radius
+    ys, xs = torch.meshgrid(torch.arange(-reach, reach + 1), torch.arange(-reach, reach + 1), indexing="ij")
+    r2 = (ys * ys + xs * xs).double()
+    w = torch.exp(-r2 / (2.0 * sigma**2)) / (2.0 * math.pi * sigma**2)
+    return 0.5 * num_present * float(w[r2 > radius * radius].sum())
+
+
+def half_window_offsets(radius: int) -> list[tuple[int, int]]:
+    """Offsets (dy, dx) with 0 < dy^2 + dx^2 <= radius^2, one of each +/- pair."""
+    out = []
+    for dy in range(0, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if (dy == 0 and dx <= 0) or dy * dy + dx * dx > radius * radius:
+                continue
+            out.append((dy, dx))
+    return out
+
+
+def _pair_slices(dy: int, dx: int, h: int, w: int):
+    """Slices (rows_a, cols_a, rows_b, cols_b) such that pixel b = a + (dy, dx)."""
+    ra = slice(0, h - dy)
+    rb = slice(dy, h)
+    if dx >= 0:
+        ca, cb = slice(0, w - dx), slice(dx, w)
+    else:
+        ca, cb = slice(-dx, w), slice(0, w + dx)
+    return ra, ca, rb, cb
+
+
+class _WindowedFSL(torch.autograd.Function):
+    """Loss and its gradient w.r.t. p in one pass over the window offsets (mu, sigma fixed)."""
+
+    @staticmethod
+    def forward(ctx, p, mask, image, mu, sigma, radius, metric):
+        b, c, h, w = p.shape
+        p_det = p.detach()
+        m = mask.view(b, c, 1, 1).to(p.dtype)
+        grad = torch.zeros_like(p_det)
+        total = p_det.new_zeros(())
+        scale = 2.0 / (b * h * w)  # each unordered pair stands for (i, j) and (j, i)
+        for dy, dx in half_window_offsets(radius):
+            if dy >= h or abs(dx) >= w:
+                continue
+            weight = math.exp(-(dy * dy + dx * dx) / (2.0 * sigma * sigma)) / (2.0 * math.pi * sigma * sigma)
+            ra, ca, rb, cb = _pair_slices(dy, dx, h, w)
+            f = similarity_activation(colour_distance(image[:, :, ra, ca], image[:, :, rb, cb], metric), mu)
+            diff = (p_det[:, :, ra, ca] - p_det[:, :, rb, cb]) * m  # masked classes give 0
+            wf = (weight * scale) * f.unsqueeze(1)  # (B, 1, h', w')
+            total -= 0.5 * (wf * diff * diff).sum()
+            step = wf * diff
+            grad[:, :, ra, ca] -= step
+            grad[:, :, rb, cb] += step
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None, None, None, None, None
+
+
+def _windowed_autograd(p, mask, image, mu, sigma, radius, metric):
+    """The same sum through plain autograd: used when mu or sigma are learnable tensors."""
+    b, c, h, w = p.shape
+    m = mask.view(b, c, 1, 1).to(p.dtype)
+    total = p.new_zeros(())
+    for dy, dx in half_window_offsets(radius):
+        if dy >= h or abs(dx) >= w:
+            continue
+        weight = torch.exp(-torch.as_tensor(float(dy * dy + dx * dx), dtype=p.dtype) / (2.0 * sigma**2)) / (
+            2.0 * math.pi * sigma**2
+        )
+        ra, ca, rb, cb = _pair_slices(dy, dx, h, w)
+        f = similarity_activation(colour_distance(image[:, :, ra, ca], image[:, :, rb, cb], metric), mu)
+        diff = (p[:, :, ra, ca] - p[:, :, rb, cb]) * m
+        total = total - weight * (f.unsqueeze(1) * diff * diff).sum()  # 2 (orders) x 1/2 (g)
+    return total / (b * h * w)
+
+
+def feature_similarity_loss(
+    p: torch.Tensor,
+    image: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mu: float | torch.Tensor = 2.5,
+    sigma: float | torch.Tensor = 5.0,
+    radius: int | None = None,
+    metric: Literal["l1", "l2"] = "l1",
+) -> torch.Tensor:
+    """Windowed FSL. p: (B, C, h, w) gate input; image: (B, 3, h, w) RGB in [0, 1] on the
+    same grid (no gradient); mask: (B, C) 1 for classes that count (default all)."""
+    if p.dim() != 4 or image.dim() != 4 or image.shape[2:] != p.shape[2:] or image.shape[0] != p.shape[0]:
+        raise ValueError(f"p {tuple(p.shape)} and image {tuple(image.shape)} must be (B, C, h, w) on one grid")
+    if mask is None:
+        mask = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device)
+    image = image.detach().to(p.dtype)
+    learnable = any(isinstance(v, torch.Tensor) and v.requires_grad for v in (mu, sigma))
+    sigma_value = float(sigma.detach()) if isinstance(sigma, torch.Tensor) else float(sigma)
+    if radius is None:
+        radius = default_radius(sigma_value)
+    if learnable:
+        return _windowed_autograd(p, mask, image, mu, sigma, radius, metric)
+    mu_value = float(mu.detach()) if isinstance(mu, torch.Tensor) else float(mu)
+    return _WindowedFSL.apply(p, mask.detach(), image, mu_value, sigma_value, radius, metric)
+
+
+def feature_similarity_loss_all_pairs(
+    p: torch.Tensor,
+    image: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mu: float = 2.5,
+    sigma: float = 5.0,
+    metric: Literal["l1", "l2"] = "l1",
+) -> torch.Tensor:
+    """The literal all-pairs formula with (HW x HW) matrices: the reference the windowed
+    version is benchmarked against (memory O(B C (HW)^2))."""
+    b, c, h, w = p.shape
+    if mask is None:
+        mask = torch.ones(b, c, dtype=p.dtype, device=p.device)
+    pts = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1).view(-1, 2).to(p)
+    dist2 = torch.cdist(pts, pts).pow(2)
+    weights = torch.exp(-dist2 / (2 * sigma**2)) / (2 * math.pi * sigma**2)
+    x = image.detach().to(p.dtype).flatten(2).transpose(1, 2)  # (B, HW, 3)
+    d = torch.cdist(x, x, p=1.0 if metric == "l1" else 2.0) / 3.0
+    f = similarity_activation(d, mu)
+    q = (p * mask.view(b, c, 1, 1)).flatten(2)  # (B, C, HW)
+    g = 0.5 * (q.unsqueeze(-1) - q.unsqueeze(-2)).pow(2).sum(dim=1)  # (B, HW, HW)
+    return -(weights * f * g).sum() / (b * h * w)
+
+
+GateInput = Literal["r", "b", "s", "a"]
+
+
+def gate_input(scores: torch.Tensor, gate: GateInput, background_channel: int | None = None) -> torch.Tensor:
+    """The prediction FSL compares between pixels (hfpl §4.3; icam eq. 1 for "a")."""
+    if gate == "r":
+        pos = F.relu(scores)
+        return pos / (pos.flatten(2).amax(dim=2)[..., None, None] + 1e-5)
+    if gate == "b":
+        return torch.sigmoid(scores)
+    if gate == "s":
+        return scores
+    if gate == "a":
+        if background_channel is None:
+            raise ValueError("gate 'a' (multinomial) needs scores with a background channel")
+        return torch.softmax(scores, dim=1)
+    raise ValueError(f"gate must be one of r, b, s, a; got {gate!r}")
+
+
+@dataclass
+class FSLSettings:
+    gate: GateInput = "r"
+    mu: float = 2.5
+    sigma: float = 5.0
+    metric: Literal["l1", "l2"] = "l1"
+    radius: int | None = None  # None: ceil(3 sigma)
+    upsample: int = 1  # integer upsampling of the CAM grid before FSL (x4 for 14x14 ViT CAMs)
+    learnable: bool = False  # the early ICAM's learnable mu, sigma (start at mu, sigma)
