@@ -79,6 +79,52 @@ def evaluate(
         out_console.print(f"wrote {json_out}")
 
 
+@app.command("train-cam", context_settings={"allow_extra_args": False})
+def train_cam(
+    config: Path = typer.Argument(..., help="Training YAML: dataset, model, loss, train, infer, out."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.epochs=2 loss.fsl.weight=0.5"),
+) -> None:
+    """Train a CAM network with the configured loss terms (GAP, ISL, FSL, DEAL); writes
+    OUT/cam_model.pt, a checkpoint per epoch and OUT/log.csv with every loss term."""
+    from weakseg.steps import train_cam as step
+
+    with progress_bar() as bars:
+        task = bars.add_task("train CAM", total=None)
+        result = step.run(config, overrides or [], on_step=lambda i, n: bars.update(task, completed=i, total=n))
+    losses = ", ".join(f"{v:.4f}" for v in result["epoch_losses"])
+    out_console.print(f"trained: epoch losses [{losses}] -> {result['cam_model']}")
+
+
+@app.command("infer-cam")
+def infer_cam(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="cam_model.pt written by train-cam."),
+    data: Path = typer.Option(..., "--data", help="Dataset config YAML."),
+    out: Path = typer.Option(..., "--out", help="Output folder: cams/, pseudo_labels/, cam_metrics.json."),
+    scales: str = typer.Option("0.5,1.0,1.5,2.0", "--scales", help="Comma-separated test-time scales."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Add horizontally flipped inputs."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Background threshold when the dataset has no masks (default 0.25)."),
+) -> None:
+    """Multi-scale + flip CAMs for every image, pseudo-labels at the best background threshold,
+    and CAM metrics (J, F, J&F, best threshold) when the dataset has masks."""
+    from weakseg.steps import infer_cam as step
+
+    try:
+        scale_values = [float(s) for s in scales.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--scales: expected numbers separated by commas, got {scales!r}") from None
+    with progress_bar() as bars:
+        task = bars.add_task("infer CAMs", total=None)
+        result = step.run(checkpoint, data, out, scale_values, flip, threshold,
+                          on_image=lambda i, n: bars.update(task, completed=i, total=n))
+    if "miou" in result:
+        out_console.print(
+            f"CAM: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
+            f"best threshold={result['best_threshold']:.2f} -> {out / 'cam_metrics.json'}"
+        )
+    else:
+        out_console.print(f"CAMs and pseudo-labels for {result['num_images']} images -> {out}")
+
+
 @data_app.command("check")
 def data_check(config: Path = typer.Argument(..., help="Dataset config YAML (kind: voc|folder|nyu|coco|synthetic + its keys).")) -> None:
     """Load every sample of a dataset and report each broken file, one line per problem."""

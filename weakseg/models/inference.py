@@ -1,4 +1,14 @@
-"""CAM inference: test-time scales and flips, ReLU, per-class max normalisation."""
+"""CAM inference: test-time scales and flips, then per-class max normalisation.
+
+Conventions (per method):
+- plain CAM / binomial: the raw class scores of each scale and flip are upsampled
+  bilinearly to H x W, passed through ReLU and summed; each class map is then divided by
+  its maximum (+1e-5), so values lie in [0, 1).
+- multinomial (a model with a background channel, icam eq. 1): the softmax probabilities
+  over the C + 1 channels replace the ReLU scores; the foreground channels are then summed
+  and max-normalised the same way.
+Only the classes asked for (those present in the image) are returned.
+"""
 
 from __future__ import annotations
 
@@ -16,30 +26,27 @@ def infer_cams(
     class_indices: Sequence[int],
     scales: Sequence[float] = (1.0,),
     flip: bool = True,
+    background_channel: int | None = None,
+    output: str = "cams",
 ) -> np.ndarray:
-    """CAMs of one normalised image (1, 3, H, W) for the given label-vector indices.
-
-    Convention (plain CAM): each scale's (and its flip's) raw class scores are upsampled
-    bilinearly to H x W and passed through ReLU, summed over scales and flips, then each
-    class map is divided by its maximum (+1e-5), so values lie in [0, 1). Returns
-    (len(class_indices), H, W) float32.
-    """
+    """CAMs of one normalised image (1, 3, H, W) for the given label-vector indices ->
+    (len(class_indices), H, W) float32 in [0, 1)."""
     _, _, h, w = image.shape
     idx = list(class_indices)
     if not idx:
         return np.zeros((0, h, w), dtype=np.float32)
-    total = torch.zeros(len(idx), h, w)
+    channels = [i + 1 if background_channel == 0 else i for i in idx] if background_channel is not None else idx
+    total = torch.zeros(len(idx), h, w, device=image.device)
     for scale in scales:
         scaled = image if scale == 1.0 else F.interpolate(
             image, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False
         )
         batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
-        cams = model(batch)["cams"][:, idx]
-        cams = F.relu(F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False))
-        if flip:
-            cams = cams[0] + cams[1].flip(-1)
+        scores = model(batch)[output]
+        if background_channel is not None:
+            maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
         else:
-            cams = cams[0]
-        total += cams
+            maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
+        total += (maps[0] + maps[1].flip(-1)) if flip else maps[0]
     total /= total.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
-    return total.numpy().astype(np.float32)
+    return total.cpu().numpy().astype(np.float32)

@@ -1,4 +1,8 @@
-"""Plain CAM network: backbone -> 1x1 class scores s (the CAMs) -> global average pooling."""
+"""Plain CAM network: backbone -> 1x1 class scores s (the CAMs) -> global average pooling.
+
+With `background_channel=True` the head has C + 1 outputs, channel 0 being background, as
+the multinomial ISL needs (icam eq. 1); foreground channel k + 1 is class k of the labels.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,18 @@ from weakseg.models.heads import CAMHead
 
 
 class CAMNet(nn.Module):
-    def __init__(self, num_classes: int, backbone: str = "tiny_cnn", **backbone_kwargs):
+    def __init__(self, num_classes: int, backbone: str = "tiny_cnn", background_channel: bool = False, **backbone_kwargs):
         super().__init__()
         self.backbone = build_backbone(backbone, **backbone_kwargs)
-        self.head = CAMHead(self.backbone.out_channels, num_classes)
+        self.background_channel = 0 if background_channel else None
+        self.head = CAMHead(self.backbone.out_channels, num_classes + (1 if background_channel else 0))
         self.num_classes = num_classes
 
+    @property
+    def input_normalization(self):
+        """(mean, std) the backbone expects for RGB in [0, 1], or None for ImageNet statistics."""
+        return getattr(self.backbone, "input_normalization", None)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = self.head(self.backbone(images))  # (B, C, h, w)
+        scores = self.head(self.backbone(images))  # (B, C[+1], h, w)
         return {"cams": scores, "logits": scores.mean(dim=(2, 3))}

@@ -1,0 +1,23 @@
+"""Model recipes shared by the steps: a `model:` config section -> a network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from weakseg.errors import ConfigError
+from weakseg.models.methods.cam import CAMNet
+
+
+@dataclass
+class ModelConfig:
+    method: Literal["cam"] = "cam"
+    backbone: str = "tiny_cnn"
+    background_channel: bool = False  # C+1 outputs, channel 0 background (multinomial ISL)
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # e.g. pretrained, weights, output_stride
+
+
+def build_model(model: ModelConfig, num_classes: int) -> CAMNet:
+    if model.method != "cam":
+        raise ConfigError(f"model.method: {model.method!r} is not available yet; allowed values: cam")
+    return CAMNet(num_classes, model.backbone, model.background_channel, **model.backbone_args)

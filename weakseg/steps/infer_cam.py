@@ -1,0 +1,113 @@
+"""Step `infer-cam`: a trained CAM model + a dataset -> CAMs, pseudo-labels and CAM metrics.
+
+Reads:   CKPT (cam_model.pt from `train-cam`), a dataset config.
+Writes:  OUT/cams/<id>.npz          compressed float16 CAMs of the present classes
+                                     (`cams` (P, H, W) in [0, 1], `class_ids` (P,) mask ids)
+         OUT/pseudo_labels/<id>.png palette PNGs at the background threshold
+         OUT/cam_metrics.json       when the dataset has masks: miou, contour_f, jf,
+                                     boundary_iou, best_threshold, per-class values, sweep
+The background threshold is the sweep's best when masks exist, else `threshold`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from weakseg.config import from_mapping
+from weakseg.data import dataset_from_file
+from weakseg.data.io import atomic_path, write_label_png, write_text_atomic
+from weakseg.data.tensor import images_to_tensor
+from weakseg.errors import DataError
+from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
+from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.models.factory import ModelConfig, build_model
+from weakseg.models.inference import infer_cams
+from weakseg.train.trainer import load_checkpoint, pick_device
+
+
+def load_cam_model(path: str | Path, device: torch.device):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint does not exist")
+    try:
+        state = load_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DataError(path, f"not a weakseg CAM checkpoint, or it holds code and was refused ({exc})") from None
+    if not isinstance(state, dict) or "model_config" not in state:
+        raise DataError(path, "not a cam_model.pt written by `weakseg train-cam`")
+    config = from_mapping(ModelConfig, state["model_config"], "model")
+    model = build_model(config, len(state["class_names"]) - (0 if state["background_index"] is None else 1))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int]) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, cams=cams.astype(np.float16), class_ids=np.asarray(class_ids, dtype=np.int64))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def run(
+    checkpoint: str | Path,
+    data_config: str | Path,
+    out_dir: str | Path,
+    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+    flip: bool = True,
+    threshold: float | None = None,
+    device: str = "auto",
+    on_image=None,
+) -> dict:
+    out = Path(out_dir)
+    dev = pick_device(device)
+    model, state = load_cam_model(checkpoint, dev)
+    dataset = dataset_from_file(data_config)
+    if list(dataset.class_names) != list(state["class_names"]):
+        raise DataError(data_config, "dataset classes differ from the classes the checkpoint was trained on")
+    has_masks = True
+    sweep = ThresholdSweep(dataset.num_classes, dataset.background_index) if dataset.background_index is not None else None
+    cam_files = []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        image = images_to_tensor([sample.image], model.input_normalization).to(dev)
+        indices = np.flatnonzero(sample.labels > 0.5).tolist()
+        # Rounded to float16 here, as stored, so the sweep scores exactly the saved CAMs.
+        cams = infer_cams(model, image, indices, scales, flip, model.background_channel).astype(np.float16).astype(np.float32)
+        class_ids = sample.present_class_ids
+        save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids)
+        cam_files.append((sample.id, class_ids))
+        if sample.mask is None:
+            has_masks = False
+        elif sweep is not None:
+            sweep.add(cams, class_ids, sample.mask)
+        if on_image is not None:
+            on_image(i + 1, len(dataset))
+
+    result: dict = {"num_images": len(dataset)}
+    if has_masks and sweep is not None:
+        threshold, _ = sweep.best()
+    elif threshold is None and dataset.background_index is not None:
+        threshold = 0.25
+    evaluator = SegEvaluator(dataset.class_names, dataset.background_index) if has_masks else None
+    for i, (sample_id, class_ids) in enumerate(cam_files):
+        with np.load(out / "cams" / f"{sample_id}.npz") as data:
+            cams = data["cams"].astype(np.float32)
+        label = cam_to_label(cams, class_ids, threshold if threshold is not None else 0.0, dataset.background_index)
+        write_label_png(out / "pseudo_labels" / f"{sample_id}.png", label)
+        if evaluator is not None:
+            evaluator.add(label, dataset[i].mask)
+    result["threshold"] = threshold
+    if evaluator is not None:
+        summary = evaluator.summary()
+        summary["best_threshold"] = threshold
+        if sweep is not None:
+            summary["threshold_sweep"] = {f"{t:.2f}": float(j) for t, j in zip(sweep.thresholds, sweep.mious())}
+        write_text_atomic(out / "cam_metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou", "best_threshold")})
+    return result

@@ -1,0 +1,79 @@
+"""Step `train-cam`: a training YAML (+ key=value overrides) -> a trained CAM network.
+
+Reads:   the config file and its dataset.
+Writes:  OUT/config.yaml (resolved config), OUT/checkpoint.pt (per epoch, for resuming),
+         OUT/log.csv (every loss term per step), OUT/cam_model.pt (final weights plus what
+         `infer-cam` needs to rebuild the model: model config, class names).
+`out` in the config is relative to the current directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
+from weakseg.data import build_dataset
+from weakseg.data.io import atomic_path, write_text_atomic
+from weakseg.losses.terms import LossConfig
+from weakseg.models.factory import ModelConfig, build_model
+from weakseg.models.methods.cam import CAMNet
+from weakseg.train.trainer import TrainConfig, train
+
+
+@dataclass
+class InferConfig:
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    flip: bool = True
+    threshold: float | None = None  # background threshold when there are no masks to sweep
+
+
+@dataclass
+class CAMRunConfig:
+    dataset: dict[str, Any]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    out: str = "runs/cam"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[CAMRunConfig, Path]:
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return from_mapping(CAMRunConfig, data), Path(path).resolve().parent
+
+
+def save_cam_model(path: Path, model: CAMNet, model_config: ModelConfig, dataset) -> None:
+    state = {
+        "model": model.state_dict(),
+        "model_config": to_dict(model_config),
+        "class_names": list(dataset.class_names),
+        "background_index": dataset.background_index,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def run(config_path: str | Path, overrides: list[str] | None = None, on_step=None) -> dict:
+    config, base_dir = load_config(config_path, overrides)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    dataset = build_dataset(config.dataset, base_dir)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, len(dataset.foreground_ids))
+    history = train(
+        model,
+        dataset,
+        config.loss,
+        config.train,
+        out,
+        background_channel=model.background_channel,
+        on_step=on_step,
+    )
+    save_cam_model(out / "cam_model.pt", model.cpu(), config.model, dataset)
+    return {"out": str(out), "cam_model": str(out / "cam_model.pt"), **history}

@@ -1,0 +1,228 @@
+"""One trainer for every CAM method: config -> model + loss terms -> optimiser loop.
+
+- SGD with poly LR (icam Table 1: lr 0.01, momentum 0.9, weight decay 5e-4, power 0.9;
+  head layers at 10x the backbone LR, as SEAM trains its new layers) or AdamW.
+- Fixed seed: the sample order, the augmentation (a numpy generator per (seed, epoch,
+  index)) and the ISL draws (a torch generator) all derive from `train.seed`.
+- A checkpoint (model, optimiser, epoch) is written atomically after every epoch; a run
+  directory with a checkpoint resumes from it.
+- Every loss term's value is logged per step to `log.csv` (and to TensorBoard when the
+  `tensorboard` package is installed).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakseg.data.base import SegDataset
+from weakseg.data.io import atomic_path
+from weakseg.data.tensor import normalize
+from weakseg.data.transforms import AugmentConfig, build_augment
+from weakseg.losses.terms import LossConfig, LossTerm, build_terms
+from weakseg.train.cam import poly_lr
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 8
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    head_lr_mult: float = 10.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_size=224, scale_range=[0.9, 1.1]))
+    max_steps_per_epoch: int | None = None  # cap for smoke tests and CPU-sized runs
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """Samples as training tensors. The augmentation of (epoch, index) is a pure function of
+    the seed, so a resumed run sees exactly the same crops and flips."""
+
+    def __init__(self, dataset: SegDataset, augment: AugmentConfig, seed: int, need_depth: bool):
+        self.dataset = dataset
+        self.pipeline = build_augment(augment, "train.augment")
+        self.seed = seed
+        self.need_depth = need_depth
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if self.need_depth and sample.depth is None:
+            from weakseg.errors import DataError
+
+            raise DataError(sample.id, "a loss term needs depth but this sample has none")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, _, depth = self.pipeline(sample.image, None, sample.depth, rng=rng)
+        item = {
+            "rgb": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
+            "labels": torch.from_numpy(sample.labels),
+        }
+        if depth is not None and self.need_depth:
+            item["depth"] = torch.from_numpy(np.ascontiguousarray(depth)).unsqueeze(0)
+        return item
+
+
+def _param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    mult = config.head_lr_mult if config.optimizer == "sgd" else 1.0
+    return [{"params": backbone, "lr_mult": 1.0}, {"params": head, "lr_mult": mult}]
+
+
+def build_optimizer(model: torch.nn.Module, extra: list[torch.nn.Parameter], config: TrainConfig):
+    groups = _param_groups(model, config)
+    if extra:
+        groups.append({"params": extra, "lr_mult": 1.0, "weight_decay": 0.0})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    # weights_only: a checkpoint is data, never code (issue 6: safe loading).
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class _Logger:
+    def __init__(self, path: Path, names: list[str], append: bool):
+        self.path = path
+        self.names = names
+        exists = path.exists() and append
+        self.file = open(path, "a" if exists else "w", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.file)
+        if not exists:
+            self.writer.writerow(["epoch", "step", "lr", "total"] + names)
+        self.tb = None
+        try:  # optional
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def log(self, epoch: int, step: int, lr: float, total: float, values: list[float]) -> None:
+        self.writer.writerow([epoch, step, f"{lr:.6g}", f"{total:.6g}"] + [f"{v:.6g}" for v in values])
+        if self.tb is not None:
+            self.tb.add_scalar("loss/total", total, step)
+            for name, value in zip(self.names, values):
+                self.tb.add_scalar(f"loss/{name}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    model: torch.nn.Module,
+    dataset: SegDataset,
+    loss_config: LossConfig,
+    config: TrainConfig,
+    out_dir: Path,
+    background_channel: int | None = None,
+    on_step=None,
+) -> dict:
+    """Train `model` (outputs a dict of named maps) on `dataset`; returns {"epoch_losses": [...]}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    terms: list[LossTerm] = build_terms(loss_config, generator)
+    extra = [p for term in terms for p in term.parameters()]
+    model.to(device)
+    optimizer = build_optimizer(model, extra, config)
+    need_depth = any(getattr(t, "needs_depth", False) for t in terms)
+    data = AugmentedDataset(dataset, config.augment, config.seed, need_depth)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+
+    checkpoint_path = out_dir / "checkpoint.pt"
+    start_epoch, epoch_losses = 0, []
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for term, term_state in zip(terms, state.get("terms", [])):
+            term.load_state_dict(term_state)
+        start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
+        generator.set_state(state["isl_generator"])
+    logger = _Logger(out_dir / "log.csv", [t.name for t in terms], append=start_epoch > 0)
+    normaliser = getattr(model, "input_normalization", None)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            data.epoch = epoch
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+            model.train()
+            running, seen = 0.0, 0
+            for step_in_epoch in range(steps_per_epoch):
+                idx = order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size].tolist()
+                if not idx:
+                    break
+                items = [data[i] for i in idx]
+                batch = {key: torch.stack([it[key] for it in items]).to(device) for key in items[0]}
+                batch["image"] = normalize(batch["rgb"], normaliser)
+                step = epoch * steps_per_epoch + step_in_epoch
+                lr = poly_lr(config.lr, step, total_steps, config.poly_power)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
+                outputs = model(batch["image"])
+                values = [term(outputs, batch, background_channel) for term in terms]
+                total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
+                if not torch.isfinite(total):
+                    bad = [t.name for t, v in zip(terms, values) if not torch.isfinite(v)]
+                    raise FloatingPointError(
+                        f"non-finite loss (term {', '.join(bad) or 'total'}) at epoch {epoch + 1}, step {step + 1}; "
+                        f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                running += total.item() * len(idx)
+                seen += len(idx)
+                logger.log(epoch, step, lr, total.item(), [v.item() for v in values])
+                if on_step is not None:
+                    on_step(step + 1, total_steps)
+            epoch_losses.append(running / max(1, seen))
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "terms": [t.state_dict() for t in terms],
+                    "epoch": epoch + 1,
+                    "epoch_losses": epoch_losses,
+                    "isl_generator": generator.get_state(),
+                },
+            )
+    finally:
+        logger.close()
+    model.eval()
+    return {"epoch_losses": epoch_losses, "steps": total_steps}
