@@ -110,10 +110,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 class _Logger:
-    def __init__(self, path: Path, names: list[str], append: bool):
+    def __init__(self, path: Path, names: list[str], resume_epoch: int):
         self.path = path
         self.names = names
-        exists = path.exists() and append
+        exists = path.exists() and resume_epoch > 0
+        if exists:
+            # Drop the rows of the epoch that was interrupted: it is trained again.
+            rows = path.read_text(encoding="utf-8").splitlines()
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r.split(",", 1)[0]) < resume_epoch]
+            with atomic_path(path) as tmp:
+                tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
         self.file = open(path, "a" if exists else "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.file)
         if not exists:
@@ -174,7 +180,7 @@ def train(
             term.load_state_dict(term_state)
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
         generator.set_state(state["isl_generator"])
-    logger = _Logger(out_dir / "log.csv", [t.name for t in terms], append=start_epoch > 0)
+    logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch)
     normaliser = getattr(model, "input_normalization", None)
     try:
         for epoch in range(start_epoch, config.epochs):

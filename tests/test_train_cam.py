@@ -1,0 +1,157 @@
+"""The CAM trainer and the train-cam / infer-cam steps on small synthetic data: the loss
+falls, every add-on attaches and contributes a gradient, a resumed run equals an
+uninterrupted one, and infer-cam writes CAMs, pseudo-labels and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from weakseg.cli import app
+from weakseg.config import from_mapping
+from weakseg.data import build_dataset
+from weakseg.losses.terms import LossConfig, build_terms
+from weakseg.models.factory import ModelConfig, build_model
+from weakseg.steps import train_cam
+
+SMALL = {
+    "dataset": {"kind": "synthetic", "num_images": 48, "image_size": 40},
+    "model": {"backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4}},
+    "train": {
+        "epochs": 2,
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "lr": 0.003,
+        "weight_decay": 0.0001,
+        "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5},
+    },
+}
+
+VARIANTS = {
+    "gap": {"classification": {"kind": "gap"}},
+    "isl_binomial+fsl": {"classification": {"kind": "isl_binomial"}, "fsl": {"gate": "r"}},
+    "isl_multinomial+fsl_a": {"classification": {"kind": "isl_multinomial"}, "fsl": {"gate": "a"}},
+    "deal": {"classification": {"kind": "gap"}, "deal": {"weight": 0.04}},
+    "deal+isl+fsl": {"classification": {"kind": "isl_binomial"}, "fsl": {}, "deal": {}},
+}
+
+
+def write_config(tmp_path, name="cfg.yaml", **changes):
+    data = json.loads(json.dumps(SMALL))
+    data.update(changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_addon_attaches_and_contributes_a_gradient(variant):
+    loss_cfg = from_mapping(LossConfig, VARIANTS[variant], "loss")
+    multinomial = loss_cfg.classification.kind == "isl_multinomial"
+    dataset = build_dataset(SMALL["dataset"])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(background_channel=multinomial, backbone_args={"width": 8}), len(dataset.foreground_ids))
+    samples = [dataset[i] for i in range(4)]
+    rgb = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in samples])
+    batch = {
+        "rgb": rgb,
+        "image": (rgb - 0.5) / 0.25,
+        "labels": torch.from_numpy(np.stack([s.labels for s in samples])),
+        "depth": torch.from_numpy(np.stack([s.depth for s in samples])).unsqueeze(1),
+    }
+    outputs = model(batch["image"])
+    terms = build_terms(loss_cfg, torch.Generator().manual_seed(0))
+    assert len(terms) == 1 + ("fsl" in VARIANTS[variant]) + ("deal" in VARIANTS[variant])
+    for term in terms:
+        value = term(outputs, batch, model.background_channel)
+        assert torch.isfinite(value), term.name
+        grads = torch.autograd.grad(value, model.head.classifier.weight, retain_graph=True)
+        assert grads[0].abs().sum() > 0, f"{term.name} gives no gradient"
+
+
+def test_two_epochs_lower_the_loss_and_resume_matches(tmp_path):
+    full = write_config(tmp_path, "full.yaml", out=str(tmp_path / "full"), train={**SMALL["train"], "epochs": 3})
+    result = train_cam.run(full)
+    losses = result["epoch_losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    # The same run interrupted in the middle of epoch 2 (after the epoch-1 checkpoint), then
+    # started again in the same directory: it resumes and ends with exactly the weights of
+    # the uninterrupted run.
+    part = write_config(tmp_path, "part.yaml", out=str(tmp_path / "part"), train={**SMALL["train"], "epochs": 3})
+
+    def crash(step, total):
+        if step == 8:  # 6 steps per epoch: inside epoch 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cam.run(part, on_step=crash)
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = train_cam.run(part)
+    assert resumed["epoch_losses"] == losses
+    assert (tmp_path / "part" / "log.csv").read_text() == (tmp_path / "full" / "log.csv").read_text()
+    a = torch.load(tmp_path / "full" / "cam_model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "cam_model.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    header = (tmp_path / "full" / "log.csv").read_text().splitlines()[0]
+    assert header == "epoch,step,lr,total,cls"
+
+
+def test_cli_train_then_infer_writes_cams_labels_and_metrics(tmp_path):
+    runner = CliRunner()
+    cfg = write_config(tmp_path, out=str(tmp_path / "run"))
+    result = runner.invoke(app, ["train-cam", str(cfg), "loss.classification.kind=isl_binomial", "loss.fsl={}"])
+    assert result.exit_code == 0, result.output
+    data_cfg = tmp_path / "data.yaml"
+    data_cfg.write_text(yaml.safe_dump(SMALL["dataset"] | {"kind": "synthetic"}))
+    out = tmp_path / "infer"
+    result = runner.invoke(
+        app, ["infer-cam", "--checkpoint", str(tmp_path / "run" / "cam_model.pt"), "--data", str(data_cfg),
+              "--out", str(out), "--scales", "1.0,1.5"]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "cam_metrics.json").read_text())
+    for key in ("miou", "contour_f", "jf", "best_threshold"):
+        assert key in metrics
+    assert metrics["jf"] == pytest.approx((metrics["miou"] + metrics["contour_f"]) / 2)
+    dataset = build_dataset(SMALL["dataset"])
+    first = dataset[0]
+    with np.load(out / "cams" / f"{first.id}.npz") as stored:
+        assert stored["cams"].shape == (len(first.present_class_ids), 40, 40)
+        assert list(stored["class_ids"]) == first.present_class_ids
+        assert 0 <= stored["cams"].min() and stored["cams"].max() <= 1
+    assert len(list((out / "pseudo_labels").glob("*.png"))) == 48
+    # the pseudo-labels on disk reproduce the metrics in cam_metrics.json
+    from weakseg.data.io import write_label_png
+
+    for i in range(len(dataset)):
+        write_label_png(tmp_path / "gt" / f"{dataset.ids[i]}.png", dataset[i].mask)
+    (tmp_path / "classes.txt").write_text("\n".join(dataset.class_names) + "\n")
+    result = runner.invoke(app, ["eval", "--pred", str(out / "pseudo_labels"), "--gt", str(tmp_path / "gt"),
+                                 "--classes", str(tmp_path / "classes.txt"), "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "m.json").read_text())
+    for key in ("miou", "contour_f", "jf", "boundary_iou"):
+        assert again[key] == metrics[key], key
+
+
+def test_bad_checkpoint_is_refused(tmp_path):
+    from weakseg.errors import DataError
+    from weakseg.steps.infer_cam import load_cam_model
+
+    evil = tmp_path / "evil.pt"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    torch.save({"model_config": Boom()}, evil)
+    with pytest.raises(DataError, match="evil.pt"):
+        load_cam_model(evil, torch.device("cpu"))
+    assert not (tmp_path / "pwned").exists()
