@@ -196,7 +196,7 @@ class AugmentConfig:
 
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # rescale factor [low, high]
     crop_size: int | list[int] | None = None  # square side, or [height, width]; None: no crop
-    image_fill: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN_255))  # RGB image padding
+    image_fill: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN_255))  # RGB padding (~0 after ImageNet normalisation)
     hflip_prob: float = 0.5
     brightness: float = 0.0  # factor range [1-x, 1+x]
     contrast: float = 0.0

@@ -161,6 +161,10 @@ def feature_similarity_loss(
         raise ValueError(f"p {tuple(p.shape)} and image {tuple(image.shape)} must be (B, C, h, w) on one grid")
     if mask is None:
         mask = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device)
+    # Channels masked out in every image contribute nothing: skip them (VOC: ~2 of 20 present).
+    active = mask.detach().bool().any(dim=0)
+    if not active.all():
+        p, mask = p[:, active], mask[:, active]
     image = image.detach().to(p.dtype)
     learnable = any(isinstance(v, torch.Tensor) and v.requires_grad for v in (mu, sigma))
     sigma_value = float(sigma.detach()) if isinstance(sigma, torch.Tensor) else float(sigma)

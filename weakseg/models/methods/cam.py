@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weakseg.models.backbones import build_backbone
+from weakseg.models.backbones import build_backbone, input_norm_of
 from weakseg.models.heads import CAMHead
 
 
@@ -22,9 +22,10 @@ class CAMNet(nn.Module):
         self.num_classes = num_classes
 
     @property
-    def input_normalization(self):
-        """(mean, std) the backbone expects for RGB in [0, 1], or None for ImageNet statistics."""
-        return getattr(self.backbone, "input_normalization", None)
+    def input_normalization(self) -> tuple:
+        """(mean, std) the backbone expects for RGB in [0, 1] (EfficientNet-Lite: (x*255-127)/128)."""
+        norm = input_norm_of(self.backbone)
+        return norm.mean, norm.std
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.head(self.backbone(images))  # (B, C[+1], h, w)

@@ -1,0 +1,105 @@
+"""CAM quality of each loss recipe on the real data in ../shared/data: J, F, J&F of CAM
+pseudo-labels (best background threshold on VOC, argmax over present classes on NYUv2),
+mean +- std over seeds, every row trained with the same CPU-sized schedule.
+
+    python benchmarks/cam_real_data.py --dataset voc --seeds 0 1 2 [--out runs/bench_cam] [--only NAME ...]
+    python benchmarks/cam_real_data.py --dataset nyu --seeds 0 1 2
+
+Each recipe is a config in configs/ (the base file for the dataset plus the overrides listed
+in RECIPES below), trained with `weakseg train-cam` and evaluated with `weakseg infer-cam`
+(in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from weakseg.steps import infer_cam, train_cam
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {"voc": ROOT / "configs" / "voc_cam_gap.yaml", "nyu": ROOT / "configs" / "nyu_cam_gap.yaml"}
+DATA = {"voc": ROOT / "configs" / "data" / "voc_shared.yaml", "nyu": ROOT / "configs" / "data" / "nyu_shared.yaml"}
+
+# name -> overrides on the base config (the same keys as the example configs in configs/)
+RECIPES = {
+    "voc": {
+        "baseline GAP": [],
+        "+ISL (binomial)": ["loss.classification.kind=isl_binomial"],
+        "+FSL": ["loss.fsl={}"],
+        "+ISL/FSL binomial (hfpl)": ["loss.classification.kind=isl_binomial", "loss.fsl={}"],
+        "+ISL/FSL multinomial (icam)": [
+            "loss.classification.kind=isl_multinomial",
+            "model.background_channel=true",
+            "loss.fsl={gate: a}",
+        ],
+    },
+    "nyu": {
+        "baseline GAP": [],
+        "+DEAL": ["loss.deal={}"],
+        "+DEAL +ISL/FSL": ["loss.deal={}", "loss.classification.kind=isl_binomial", "loss.fsl={}"],
+    },
+}
+
+
+def run_one(dataset: str, overrides: list[str], seed: int, out: Path, scales: list[float]) -> dict:
+    run_dir = out / f"seed{seed}"
+    started = time.perf_counter()
+    trained = train_cam.run(BASE[dataset], overrides + [f"train.seed={seed}", f"out={run_dir}"])
+    metrics = infer_cam.run(trained["cam_model"], DATA[dataset], run_dir / "infer", scales=scales)
+    metrics["seconds"] = time.perf_counter() - started
+    metrics["final_loss"] = trained["epoch_losses"][-1]
+    return metrics
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(RECIPES), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_cam"))
+    parser.add_argument("--only", nargs="*", help="Run only these recipe names.")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="CAM inference scales (flip is on).")
+    args = parser.parse_args()
+
+    results: dict[str, list[dict]] = {}
+    for name, overrides in RECIPES[args.dataset].items():
+        if args.only and name not in args.only:
+            continue
+        slug = name.replace(" ", "_").replace("/", "-").replace("+", "p").replace("(", "").replace(")", "")
+        results[name] = []
+        for seed in args.seeds:
+            metrics = run_one(args.dataset, overrides, seed, args.out / args.dataset / slug, args.scales)
+            results[name].append(metrics)
+            print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
+                  f"({metrics['seconds']:.0f} s)", flush=True)
+
+    print(f"\n{args.dataset}: CAM pseudo-labels, seeds {args.seeds}, base config {BASE[args.dataset].name}, "
+          f"inference scales {args.scales} + flip\n")
+    print("| recipe | J (%) | F (%) | J&F (%) | threshold | s / run |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        thresholds = [r["best_threshold"] for r in runs if r.get("best_threshold") is not None]
+        print(
+            f"| {name} | {mean_std([r['miou'] for r in runs])} | {mean_std([r['contour_f'] for r in runs])} | "
+            f"{mean_std([r['jf'] for r in runs])} | "
+            f"{', '.join(f'{t:.2f}' for t in thresholds) or 'argmax'} | "
+            f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {name: [{k: r.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
+                      for r in runs] for name, runs in results.items()}
+    (args.out / f"{args.dataset}_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
