@@ -5,9 +5,9 @@ mean +- std over seeds, every row trained with the same CPU-sized schedule.
     python benchmarks/cam_real_data.py --dataset voc --seeds 0 1 2 [--out runs/bench_cam] [--only NAME ...]
     python benchmarks/cam_real_data.py --dataset nyu --seeds 0 1 2
 
-Each recipe is a config in configs/ (the base file for the dataset plus the overrides listed
-in RECIPES below), trained with `weakseg train-cam` and evaluated with `weakseg infer-cam`
-(in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
+Each recipe is a config in configs/ (plus the overrides listed in RECIPES below), trained
+with `weakseg train-cam` and evaluated with `weakseg infer-cam` at the config's inference
+scales (in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
 """
 
 from __future__ import annotations
@@ -22,35 +22,34 @@ from weakseg.steps import infer_cam, train_cam
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE = {"voc": ROOT / "configs" / "voc_cam_gap.yaml", "nyu": ROOT / "configs" / "nyu_cam_gap.yaml"}
 DATA = {"voc": ROOT / "configs" / "data" / "voc_shared.yaml", "nyu": ROOT / "configs" / "data" / "nyu_shared.yaml"}
 
-# name -> overrides on the base config (the same keys as the example configs in configs/)
+# name -> (config file in configs/, overrides). Rows without overrides are the example configs
+# as they are; the single-add-on rows switch one loss term of the baseline on.
 RECIPES = {
     "voc": {
-        "baseline GAP": [],
-        "+ISL (binomial)": ["loss.classification.kind=isl_binomial"],
-        "+FSL": ["loss.fsl={}"],
-        "+ISL/FSL binomial (hfpl)": ["loss.classification.kind=isl_binomial", "loss.fsl={}"],
-        "+ISL/FSL multinomial (icam)": [
-            "loss.classification.kind=isl_multinomial",
-            "model.background_channel=true",
-            "loss.fsl={gate: a}",
-        ],
+        "baseline GAP": ("voc_cam_gap.yaml", []),
+        "+ISL (binomial)": ("voc_cam_gap.yaml", ["loss.classification.kind=isl_binomial"]),
+        "+FSL": ("voc_cam_gap.yaml", ["loss.fsl={upsample: 4}"]),
+        "+ISL/FSL binomial (hfpl)": ("voc_cam_hfpl.yaml", []),
+        "+ISL/FSL multinomial (icam)": ("voc_cam_icam.yaml", []),
     },
     "nyu": {
-        "baseline GAP": [],
-        "+DEAL": ["loss.deal={}"],
-        "+DEAL +ISL/FSL": ["loss.deal={}", "loss.classification.kind=isl_binomial", "loss.fsl={}"],
+        "baseline GAP": ("nyu_cam_gap.yaml", []),
+        "+DEAL": ("nyu_cam_deal.yaml", []),
+        "+DEAL +ISL/FSL": ("nyu_cam_deal_isl_fsl.yaml", []),
     },
 }
 
 
-def run_one(dataset: str, overrides: list[str], seed: int, out: Path, scales: list[float]) -> dict:
+def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path) -> dict:
+    config_file, overrides = recipe
+    config, _ = train_cam.load_config(ROOT / "configs" / config_file, overrides)
     run_dir = out / f"seed{seed}"
     started = time.perf_counter()
-    trained = train_cam.run(BASE[dataset], overrides + [f"train.seed={seed}", f"out={run_dir}"])
-    metrics = infer_cam.run(trained["cam_model"], DATA[dataset], run_dir / "infer", scales=scales)
+    trained = train_cam.run(ROOT / "configs" / config_file, overrides + [f"train.seed={seed}", f"out={run_dir}"])
+    metrics = infer_cam.run(trained["cam_model"], DATA[dataset], run_dir / "infer", scales=config.infer.scales,
+                            flip=config.infer.flip)
     metrics["seconds"] = time.perf_counter() - started
     metrics["final_loss"] = trained["epoch_losses"][-1]
     return metrics
@@ -68,29 +67,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_cam"))
     parser.add_argument("--only", nargs="*", help="Run only these recipe names.")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="CAM inference scales (flip is on).")
     args = parser.parse_args()
 
     results: dict[str, list[dict]] = {}
-    for name, overrides in RECIPES[args.dataset].items():
+    for name, recipe in RECIPES[args.dataset].items():
         if args.only and name not in args.only:
             continue
         slug = name.replace(" ", "_").replace("/", "-").replace("+", "p").replace("(", "").replace(")", "")
         results[name] = []
         for seed in args.seeds:
-            metrics = run_one(args.dataset, overrides, seed, args.out / args.dataset / slug, args.scales)
+            metrics = run_one(args.dataset, recipe, seed, args.out / args.dataset / slug)
             results[name].append(metrics)
             print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
                   f"({metrics['seconds']:.0f} s)", flush=True)
 
-    print(f"\n{args.dataset}: CAM pseudo-labels, seeds {args.seeds}, base config {BASE[args.dataset].name}, "
-          f"inference scales {args.scales} + flip\n")
-    print("| recipe | J (%) | F (%) | J&F (%) | threshold | s / run |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n{args.dataset}: CAM pseudo-labels, seeds {args.seeds} (mean ± std over seeds)\n")
+    print("| recipe | config | J (%) | F (%) | J&F (%) | threshold | s / run |")
+    print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         thresholds = [r["best_threshold"] for r in runs if r.get("best_threshold") is not None]
+        config_file, overrides = RECIPES[args.dataset][name]
         print(
-            f"| {name} | {mean_std([r['miou'] for r in runs])} | {mean_std([r['contour_f'] for r in runs])} | "
+            f"| {name} | {config_file} {' '.join(overrides)} | {mean_std([r['miou'] for r in runs])} | {mean_std([r['contour_f'] for r in runs])} | "
             f"{mean_std([r['jf'] for r in runs])} | "
             f"{', '.join(f'{t:.2f}' for t in thresholds) or 'argmax'} | "
             f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
