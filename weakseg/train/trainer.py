@@ -134,6 +134,7 @@ class _Logger:
 
     def log(self, epoch: int, step: int, lr: float, total: float, values: list[float]) -> None:
         self.writer.writerow([epoch, step, f"{lr:.6g}", f"{total:.6g}"] + [f"{v:.6g}" for v in values])
+        self.file.flush()  # follow a long run with `tail -f log.csv`
         if self.tb is not None:
             self.tb.add_scalar("loss/total", total, step)
             for name, value in zip(self.names, values):
