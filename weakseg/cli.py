@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Weakly supervised semantic segmentation from image-level labels.",
 )
 out_console = Console()  # results go to stdout; progress and errors to stderr
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets; estimate depth maps for them.")
 app.add_typer(data_app, name="data")
 
 
@@ -143,6 +143,56 @@ def data_check(config: Path = typer.Argument(..., help="Dataset config YAML (kin
         f"OK: {len(dataset)} samples, {dataset.num_classes} classes"
         f" ({', '.join(dataset.class_names[:6])}{', ...' if dataset.num_classes > 6 else ''})"
     )
+
+
+def _three_floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise typer.BadParameter(f"{option}: expected 3 numbers (R,G,B) separated by commas, got {text!r}")
+    return values
+
+
+@data_app.command("depth")
+def data_depth(
+    config: Path = typer.Argument(..., help="Dataset config YAML whose images get a depth map."),
+    model: str = typer.Option(..., "--model", help="TorchScript file (.pt/.ts), local Hugging Face depth-estimation model folder, or Python spec module:callable returning a torch module."),
+    out: Path = typer.Option(..., "--out", help="Folder for <id>.npy depth maps and manifest.json; also the cache of earlier runs."),
+    output: str = typer.Option("depth", "--output", help="What the model predicts: depth (larger = farther) or disparity (inverse depth, e.g. DPT, Depth Anything; converted)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute every map, also when OUT holds maps of another model."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel input mean for torch modules, e.g. 0.485,0.456,0.406 (default: raw [0, 1] RGB)."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel input std for torch modules, e.g. 0.229,0.224,0.225."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the model, e.g. cpu or cuda."),
+) -> None:
+    """Estimate a depth map for every image of a dataset with a depth model and write
+    OUT/<id>.npy (relative depth, larger = farther); valid maps of the same model are reused."""
+    from weakseg.data import dataset_from_file
+    from weakseg.data.depth_estimation import OUTPUTS, estimate_depth_folder, load_depth_model
+
+    if output not in OUTPUTS:
+        raise typer.BadParameter(f"--output: expected one of {', '.join(OUTPUTS)}, got {output!r}")
+    mean_values, std_values = _three_floats(mean, "--mean"), _three_floats(std, "--std")
+    dataset = dataset_from_file(config)
+    depth_model = load_depth_model(model, device, output=output, mean=mean_values, std=std_values)
+    with progress_bar() as bars:
+        task = bars.add_task(f"depth {dataset.name}", total=len(dataset))
+        result = estimate_depth_folder(
+            dataset, depth_model, out, overwrite=overwrite, progress=lambda i, n: bars.update(task, completed=i)
+        )
+    location = out.resolve()
+    typer.echo(
+        f"wrote {len(result.written)} depth map(s), reused {len(result.reused)} from the cache -> {location} "
+        f"({depth_model.kind} model {depth_model.content_hash[:19]}, output {output})"
+    )
+    if result.unlisted:
+        typer.echo(f"note: {len(result.unlisted)} other .npy file(s) in {location} are not ids of this dataset; left untouched")
+    typer.echo("units: the model's own (relative for most monocular estimators, not metres). To use the maps, add to a `folder` dataset config:")
+    typer.echo(f"  depth_dir: {location}")
+    typer.echo("  depth_scale: 1.0")
 
 
 def main() -> None:
