@@ -155,3 +155,23 @@ def test_bad_checkpoint_is_refused(tmp_path):
     with pytest.raises(DataError, match="evil.pt"):
         load_cam_model(evil, torch.device("cpu"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_cam_activation_conventions():
+    """ReLU zeroes every negative score; sigmoid keeps their order (binomial view)."""
+    from weakseg.models.inference import infer_cams
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            s = torch.tensor([[-3.0, -1.0], [0.5, 2.0]]).view(1, 1, 2, 2).repeat(x.shape[0], 1, 1, 1)
+            return {"cams": s}
+
+    image = torch.zeros(1, 3, 2, 2)
+    relu = infer_cams(Fixed(), image, [0], flip=False)[0]
+    sig = infer_cams(Fixed(), image, [0], flip=False, activation="sigmoid")[0]
+    assert relu[0, 0] == relu[0, 1] == 0 and relu[1, 1] == pytest.approx(1.0, abs=1e-4)
+    assert sig[0, 0] < sig[0, 1] < sig[1, 0] < sig[1, 1]
+    expected = torch.sigmoid(torch.tensor([[-3.0, -1.0], [0.5, 2.0]]))
+    np.testing.assert_allclose(sig, (expected / (expected.max() + 1e-5)).numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        infer_cams(Fixed(), image, [0], activation="tanh")

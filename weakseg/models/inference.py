@@ -7,6 +7,9 @@ Conventions (per method):
 - multinomial (a model with a background channel, icam eq. 1): the softmax probabilities
   over the C + 1 channels replace the ReLU scores; the foreground channels are then summed
   and max-normalised the same way.
+- `activation="sigmoid"` (binomial view, hfpl eq. 14): sigmoid(s) replaces ReLU(s), so
+  negative scores keep their order instead of all becoming 0; for ISL-trained models whose
+  best threshold under ReLU sits at 0 (see docs/results.md).
 Only the classes asked for (those present in the image) are returned.
 """
 
@@ -28,6 +31,7 @@ def infer_cams(
     flip: bool = True,
     background_channel: int | None = None,
     output: str = "cams",
+    activation: str = "relu",
 ) -> np.ndarray:
     """CAMs of one normalised image (1, 3, H, W) for the given label-vector indices ->
     (len(class_indices), H, W) float32 in [0, 1)."""
@@ -45,6 +49,10 @@ def infer_cams(
         scores = model(batch)[output]
         if background_channel is not None:
             maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
+        elif activation == "sigmoid":
+            maps = torch.sigmoid(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
+        elif activation != "relu":
+            raise ValueError(f"CAM activation must be 'relu' or 'sigmoid', got {activation!r}")
         else:
             maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
         total += (maps[0] + maps[1].flip(-1)) if flip else maps[0]

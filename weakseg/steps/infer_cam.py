@@ -63,6 +63,7 @@ def run(
     threshold: float | None = None,
     device: str = "auto",
     on_image=None,
+    activation: str = "relu",
 ) -> dict:
     out = Path(out_dir)
     dev = pick_device(device)
@@ -78,7 +79,7 @@ def run(
         image = images_to_tensor([sample.image], model.input_normalization).to(dev)
         indices = np.flatnonzero(sample.labels > 0.5).tolist()
         # Rounded to float16 here, as stored, so the sweep scores exactly the saved CAMs.
-        cams = infer_cams(model, image, indices, scales, flip, model.background_channel).astype(np.float16).astype(np.float32)
+        cams = infer_cams(model, image, indices, scales, flip, model.background_channel, activation=activation).astype(np.float16).astype(np.float32)
         class_ids = sample.present_class_ids
         save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids)
         cam_files.append((sample.id, class_ids))

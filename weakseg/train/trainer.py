@@ -75,11 +75,12 @@ class AugmentedDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image, _, depth = self.pipeline(sample.image, None, sample.depth, rng=rng)
         item = {
-            "rgb": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
+            # np.require copies read-only views (e.g. a cached sample) so torch may own the buffer.
+            "rgb": torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float() / 255.0,
             "labels": torch.from_numpy(sample.labels),
         }
         if depth is not None and self.need_depth:
-            item["depth"] = torch.from_numpy(np.ascontiguousarray(depth)).unsqueeze(0)
+            item["depth"] = torch.from_numpy(np.require(depth, requirements=["C", "W"])).unsqueeze(0)
         return item
 
 
