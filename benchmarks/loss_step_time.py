@@ -39,16 +39,18 @@ def main() -> None:
     parser.add_argument("--output-stride", type=int, default=8)
     parser.add_argument("--fsl-upsample", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--classes", type=int, default=20, help="foreground classes (VOC 20, NYUv2 40)")
+    parser.add_argument("--present-max", type=int, default=3, help="image i has 1 + i %% present-max classes (VOC ~1.6, NYUv2 ~10)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    classes = 20
+    classes = args.classes
     args_bb = {"output_stride": args.output_stride}
     model = build_model(ModelConfig(backbone=args.backbone, backbone_args=args_bb), classes)
     g = torch.Generator().manual_seed(0)
     labels = torch.zeros(args.batch, classes)
     for i in range(args.batch):
-        labels[i, torch.randperm(classes, generator=g)[: 1 + i % 3]] = 1
+        labels[i, torch.randperm(classes, generator=g)[: 1 + i % args.present_max]] = 1
     rgb = torch.rand(args.batch, 3, args.size, args.size, generator=g)
     batch = {"rgb": rgb, "image": (rgb - 0.45) / 0.25, "labels": labels,
              "depth": torch.rand(args.batch, 1, args.size, args.size, generator=g) * 5}
@@ -73,7 +75,8 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
         rows.append((name, statistics.median(times)))
     base = rows[0][1]
-    print(f"backbone {args.backbone}, input {args.size}x{args.size}, batch {args.batch}, output stride "
+    print(f"{classes} classes, 1-{args.present_max} present per image; "
+          f"backbone {args.backbone}, input {args.size}x{args.size}, batch {args.batch}, output stride "
           f"{args.output_stride} (CAM grid {grid[0]}x{grid[1]}), FSL upsample x{args.fsl_upsample}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
     print("| loss terms | step time (s) | ratio to baseline |")
