@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from weakseg.errors import ConfigError
 from weakseg.losses import fsl as fsl_lib
+from weakseg.losses.classification import multilabel_soft_margin
 from weakseg.losses.base import LossTerm, foreground_channels as _foreground
 from weakseg.losses import isl as isl_lib
 
@@ -82,7 +83,7 @@ class ClassificationTerm(LossTerm):
         fg = _foreground(scores, background_channel)
         if self.kind == "gap":
             # Multi-label soft margin on GAP logits (SEAM, WeakTr, deal eq. 9).
-            return F.multilabel_soft_margin_loss(fg.mean(dim=(2, 3)), labels)
+            return multilabel_soft_margin(fg.mean(dim=(2, 3)), labels)
         return isl_lib.binomial_isl(fg, labels, self.num_samples, self.lam, self.generator)
 
 

@@ -74,6 +74,7 @@ def run(
     has_masks = True
     sweep = ThresholdSweep(dataset.num_classes, dataset.background_index) if dataset.background_index is not None else None
     cam_files = []
+    masks = []  # kept (uint8, small) so the second pass does not decode every image again
     for i in range(len(dataset)):
         sample = dataset[i]
         image = images_to_tensor([sample.image], model.input_normalization).to(dev)
@@ -83,6 +84,7 @@ def run(
         class_ids = sample.present_class_ids
         save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids)
         cam_files.append((sample.id, class_ids))
+        masks.append(sample.mask)
         if sample.mask is None:
             has_masks = False
         elif sweep is not None:
@@ -102,7 +104,7 @@ def run(
         label = cam_to_label(cams, class_ids, threshold if threshold is not None else 0.0, dataset.background_index)
         write_label_png(out / "pseudo_labels" / f"{sample_id}.png", label)
         if evaluator is not None:
-            evaluator.add(label, dataset[i].mask)
+            evaluator.add(label, masks[i])
     result["threshold"] = threshold
     if evaluator is not None:
         summary = evaluator.summary()
