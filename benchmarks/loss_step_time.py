@@ -7,7 +7,10 @@ Target (issue 3): all add-ons together cost <= 10 % of a step (hfpl reports +30 
 One fixed batch: real-sized RGB inputs with 20 foreground classes of which 1-3 are present
 (VOC statistics), depth maps, the same model and optimiser for every row. A step is
 forward + every loss term + backward + SGD update; the median of `--repeats` steps after
-two warm-up steps is reported.
+two warm-up steps is reported, variants interleaved. Because whole steps vary by several per
+cent from one to the next, the cost of the terms is also measured alone: forward + backward
+of the loss terms on fixed network outputs, which is the work they add to a step (the
+backbone's backward pass is the same for every loss), reported as a share of the baseline step.
 """
 
 from __future__ import annotations
@@ -55,15 +58,18 @@ def main() -> None:
     batch = {"rgb": rgb, "image": (rgb - 0.45) / 0.25, "labels": labels,
              "depth": torch.rand(args.batch, 1, args.size, args.size, generator=g) * 5}
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    grid = None
-    rows = []
+    variants = {}
     for name, spec in VARIANTS.items():
         spec = dict(spec)
         if "fsl" in spec:
             spec["fsl"] = {"upsample": args.fsl_upsample}
-        terms = build_terms(from_mapping(LossConfig, spec, "loss"), torch.Generator().manual_seed(1))
-        times = []
-        for step in range(args.repeats + 2):
+        variants[name] = build_terms(from_mapping(LossConfig, spec, "loss"), torch.Generator().manual_seed(1))
+
+    # Whole steps, variants interleaved round-robin so that drift of the machine hits all alike.
+    step_times: dict[str, list[float]] = {name: [] for name in variants}
+    grid = None
+    for step in range(args.repeats + 2):
+        for name, terms in variants.items():
             start = time.perf_counter()
             outputs = model(batch["image"])
             grid = tuple(outputs["cams"].shape[2:])
@@ -72,18 +78,36 @@ def main() -> None:
             total.backward()
             optimizer.step()
             if step >= 2:
-                times.append(time.perf_counter() - start)
-        rows.append((name, statistics.median(times)))
-    base = rows[0][1]
+                step_times[name].append(time.perf_counter() - start)
+
+    # The add-on terms alone: forward + backward of the loss terms on fixed network outputs
+    # (a leaf tensor), i.e. exactly the work a term adds to a step; far less noisy than the
+    # difference of two whole steps.
+    with torch.no_grad():
+        fixed = model(batch["image"])
+    term_times: dict[str, list[float]] = {name: [] for name in variants}
+    for step in range(3 * args.repeats + 2):
+        for name, terms in variants.items():
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in fixed.items()}
+            start = time.perf_counter()
+            total = sum(t.weight_at(99) * t(leaves, batch) for t in terms)
+            total.backward()
+            if step >= 2:
+                term_times[name].append(time.perf_counter() - start)
+
+    base = statistics.median(step_times["baseline (GAP)"])
+    base_terms = statistics.median(term_times["baseline (GAP)"])
     print(f"{classes} classes, 1-{args.present_max} present per image; "
           f"backbone {args.backbone}, input {args.size}x{args.size}, batch {args.batch}, output stride "
           f"{args.output_stride} (CAM grid {grid[0]}x{grid[1]}), FSL upsample x{args.fsl_upsample}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| loss terms | step time (s) | ratio to baseline |")
-    print("|---|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {t:.3f} | {t / base:.3f} |")
-
+          f"{torch.get_num_threads()} threads; whole steps: median of {args.repeats}, loss terms alone: "
+          f"median of {3 * args.repeats}\n")
+    print("| loss terms | step time (s) | step ratio | loss terms alone (ms) | added cost, share of baseline step |")
+    print("|---|---|---|---|---|")
+    for name in variants:
+        step = statistics.median(step_times[name])
+        terms = statistics.median(term_times[name])
+        print(f"| {name} | {step:.3f} | {step / base:.3f} | {1000 * terms:.1f} | {100 * (terms - base_terms) / base:+.1f} % |")
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from weakseg.losses.fsl import (
+    _activation_of_distance,
     feature_similarity_loss,
     feature_similarity_loss_all_pairs,
     gate_input,
@@ -107,6 +108,13 @@ def test_activation_finite_at_the_ends():
     assert torch.isfinite(f).all() and f[0] < -0.99 and f[1] > 0.99
     (grad,) = torch.autograd.grad(f.sum(), d)
     assert torch.isfinite(grad).all()
+
+
+def test_arithmetic_activation_equals_tanh_logit():
+    # The hot loop uses (e^2mu d^2 - (1-d)^2) / (e^2mu d^2 + (1-d)^2) instead of tanh(mu + logit d).
+    d = torch.cat([torch.tensor([0.0, 1e-7, 0.5, 1.0 - 1e-7, 1.0]), torch.rand(1000)]).double()
+    for mu in (0.0, 2.5, -1.0):
+        assert torch.allclose(_activation_of_distance(d, math.exp(2 * mu)), similarity_activation(d, mu), atol=1e-12)
 
 
 @pytest.mark.parametrize("gate", ["r", "b", "s", "a"])
