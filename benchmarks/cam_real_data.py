@@ -3,11 +3,14 @@ pseudo-labels (best background threshold on VOC, argmax over present classes on 
 mean +- std over seeds, every row trained with the same CPU-sized schedule.
 
     python benchmarks/cam_real_data.py --dataset voc --seeds 0 1 2 [--out runs/bench_cam] [--only NAME ...]
-    python benchmarks/cam_real_data.py --dataset nyu --seeds 0 1 2
+    python benchmarks/cam_real_data.py --dataset nyu --seeds 0 1 2 [--threads 1] [--reuse]
 
 Each recipe is a config in configs/ (plus the overrides listed in RECIPES below), trained
 with `weakseg train-cam` and evaluated with `weakseg infer-cam` at the config's inference
 scales (in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
+SCHEDULE adds overrides shared by every row of a dataset (NYUv2: 2 epochs, so that its 9 runs
+fit a CPU session). Each run writes bench_metrics.json in its folder; `--reuse` takes those of
+finished runs instead of training again (after a crash; never across code changes).
 """
 
 from __future__ import annotations
@@ -42,8 +45,16 @@ RECIPES = {
 }
 
 
-def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path) -> dict:
+# Overrides shared by every row of a dataset: the CPU-sized schedule on top of the configs.
+SCHEDULE = {"voc": [], "nyu": ["train.epochs=2"]}
+
+
+def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, reuse: bool = False) -> dict:
     config_file, overrides = recipe
+    overrides = SCHEDULE[dataset] + overrides
+    record = out / f"seed{seed}" / "bench_metrics.json"
+    if reuse and record.is_file():
+        return json.loads(record.read_text())
     config, _ = train_cam.load_config(ROOT / "configs" / config_file, overrides)
     run_dir = out / f"seed{seed}"
     started = time.perf_counter()
@@ -52,6 +63,8 @@ def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path) -
                             flip=config.infer.flip)
     metrics["seconds"] = time.perf_counter() - started
     metrics["final_loss"] = trained["epoch_losses"][-1]
+    metrics = {k: metrics.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
+    record.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -67,7 +80,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_cam"))
     parser.add_argument("--only", nargs="*", help="Run only these recipe names.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--reuse", action="store_true", help="reuse bench_metrics.json of finished runs")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     results: dict[str, list[dict]] = {}
     for name, recipe in RECIPES[args.dataset].items():
@@ -76,12 +95,13 @@ def main() -> None:
         slug = name.replace(" ", "_").replace("/", "-").replace("+", "p").replace("(", "").replace(")", "")
         results[name] = []
         for seed in args.seeds:
-            metrics = run_one(args.dataset, recipe, seed, args.out / args.dataset / slug)
+            metrics = run_one(args.dataset, recipe, seed, args.out / args.dataset / slug, args.reuse)
             results[name].append(metrics)
             print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
                   f"({metrics['seconds']:.0f} s)", flush=True)
 
-    print(f"\n{args.dataset}: CAM pseudo-labels, seeds {args.seeds} (mean ± std over seeds)\n")
+    print(f"\n{args.dataset}: CAM pseudo-labels, seeds {args.seeds} (mean ± std over seeds), "
+          f"shared overrides {SCHEDULE[args.dataset] or 'none'}\n")
     print("| recipe | config | J (%) | F (%) | J&F (%) | threshold | s / run |")
     print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():

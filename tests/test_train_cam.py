@@ -5,6 +5,7 @@ uninterrupted one, and infer-cam writes CAMs, pseudo-labels and metrics."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ SMALL = {
 
 VARIANTS = {
     "gap": {"classification": {"kind": "gap"}},
+    "gmp": {"classification": {"kind": "gmp"}},
     "isl_binomial+fsl": {"classification": {"kind": "isl_binomial"}, "fsl": {"gate": "r"}},
     "isl_multinomial+fsl_a": {"classification": {"kind": "isl_multinomial"}, "fsl": {"gate": "a"}},
     "deal": {"classification": {"kind": "gap"}, "deal": {"weight": 0.04}},
@@ -72,6 +74,21 @@ def test_every_addon_attaches_and_contributes_a_gradient(variant):
         assert torch.isfinite(value), term.name
         grads = torch.autograd.grad(value, model.head.classifier.weight, retain_graph=True)
         assert grads[0].abs().sum() > 0, f"{term.name} gives no gradient"
+
+
+def test_gap_and_gmp_logits_by_hand():
+    # One image, one class present, CAM cells 0, 1, 2, 5: GAP logit 2, GMP logit 5; absent
+    # class all zeros (logit 0). Multi-label soft margin = mean over classes of BCE(sigmoid).
+    scores = torch.tensor([[[[0.0, 1.0], [2.0, 5.0]], [[0.0, 0.0], [0.0, 0.0]]]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0]])
+    batch = {"labels": labels}
+    for kind, logit in (("gap", 2.0), ("gmp", 5.0)):
+        term = build_terms(from_mapping(LossConfig, {"classification": {"kind": kind}}, "loss"))[0]
+        value = term({"cams": scores}, batch, None)
+        expected = 0.5 * (math.log1p(math.exp(-logit)) + math.log(2.0))
+        assert value.item() == pytest.approx(expected, rel=1e-6)
+    (grad,) = torch.autograd.grad(value, scores)  # GMP: only the max cell of the class moves
+    assert torch.count_nonzero(grad[0, 0]) == 1 and grad[0, 0, 1, 1] < 0
 
 
 def test_two_epochs_lower_the_loss_and_resume_matches(tmp_path):

@@ -2,7 +2,7 @@
 
 Config (`loss:` in a training YAML):
 
-    classification: {kind: gap | isl_binomial | isl_multinomial, lam: ..., num_samples: ...}
+    classification: {kind: gap | gmp | isl_binomial | isl_multinomial, lam: ..., num_samples: ...}
     fsl:  {weight: 1.0, gate: r, mu: 2.5, sigma: 5.0, metric: l1, upsample: 1, ...}   # optional
     deal: {weight: 0.04, warmup_epochs: 3, ...}                                        # optional
     reads: [cams]
@@ -25,7 +25,7 @@ from weakseg.losses import isl as isl_lib
 
 @dataclass
 class ClassificationConfig:
-    kind: Literal["gap", "isl_binomial", "isl_multinomial"] = "gap"
+    kind: Literal["gap", "gmp", "isl_binomial", "isl_multinomial"] = "gap"
     lam: float | None = None  # None: the paper default (0.2 binomial, 0.8 multinomial)
     num_samples: int | None = None  # None: 10 binomial (hfpl), 100 multinomial (icam)
     weight: float = 1.0
@@ -67,7 +67,7 @@ class ClassificationTerm(LossTerm):
     def __init__(self, config: ClassificationConfig, reads: list[str], generator: torch.Generator | None = None):
         super().__init__(config.weight, 0, reads)
         self.kind = config.kind
-        defaults = {"gap": (0.0, 0), "isl_binomial": (0.2, 10), "isl_multinomial": (0.8, 100)}[config.kind]
+        defaults = {"gap": (0.0, 0), "gmp": (0.0, 0), "isl_binomial": (0.2, 10), "isl_multinomial": (0.8, 100)}[config.kind]
         self.lam = defaults[0] if config.lam is None else config.lam
         self.num_samples = defaults[1] if config.num_samples is None else config.num_samples
         self.generator = generator
@@ -84,6 +84,10 @@ class ClassificationTerm(LossTerm):
         if self.kind == "gap":
             # Multi-label soft margin on GAP logits (SEAM, WeakTr, deal eq. 9).
             return multilabel_soft_margin(fg.mean(dim=(2, 3)), labels)
+        if self.kind == "gmp":
+            # Global max pooling: the logit of a class is its single strongest cell (Oquab et al.
+            # 2015); the gradient reaches one cell per class, so CAMs stay small.
+            return multilabel_soft_margin(fg.amax(dim=(2, 3)), labels)
         return isl_lib.binomial_isl(fg, labels, self.num_samples, self.lam, self.generator)
 
 
