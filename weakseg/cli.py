@@ -126,6 +126,84 @@ def infer_cam(
         out_console.print(f"CAMs and pseudo-labels for {result['num_images']} images -> {out}")
 
 
+@app.command("run")
+def run_pipeline(
+    config: Path = typer.Argument(..., help="Pipeline YAML: dataset, cam, refine, pseudo_labels, seg, out."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. seg.train.epochs=2"),
+    from_step: Optional[str] = typer.Option(None, "--from", help="Re-run this step and all after it: cam_train, cam, refined, pseudo_labels, seg_train, final."),
+) -> None:
+    """The whole pipeline: train CAM -> infer CAMs -> refine -> pseudo-labels -> train the
+    segmentation network -> predict -> evaluate. Each step writes its own folder of OUT and is
+    skipped when it finished earlier with the same config; OUT/results.json has J, F, J&F and
+    boundary IoU per stage."""
+    from weakseg.steps import pipeline
+
+    with progress_bar() as bars:
+        tasks: dict = {}
+
+        def progress(step: str):
+            def update(i: int, n: int) -> None:
+                if step not in tasks:
+                    tasks[step] = bars.add_task(step, total=n)
+                bars.update(tasks[step], completed=i, total=n)
+
+            return update
+
+        summary = pipeline.run(config, overrides or [], from_step, log=lambda m: console.print(m), progress=progress)
+    table = Table(title=f"results ({summary['evaluated_on']})")
+    for column in ("stage", "J", "F", "J&F", "boundary IoU"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, values in summary["stages"].items():
+        table.add_row(stage, *(_fmt(values.get(k)) for k in ("miou", "contour_f", "jf", "boundary_iou")))
+    out_console.print(table)
+
+
+@app.command("train-seg")
+def train_seg(
+    config: Path = typer.Argument(..., help="YAML with dataset, labels (a folder holding labels/<id>.png), model, train, out."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.epochs=2"),
+) -> None:
+    """Train the DeepLab-style segmentation network (ASPP on any backbone) on pseudo-labels,
+    255 ignored; writes OUT/seg_model.pt, a checkpoint per epoch and OUT/log.csv."""
+    from weakseg.steps import train_seg as step
+
+    with progress_bar() as bars:
+        task = bars.add_task("train segmentation", total=None)
+        result = step.run_file(config, overrides or [], on_step=lambda i, n: bars.update(task, completed=i, total=n))
+    losses = ", ".join(f"{v:.4f}" for v in result["epoch_losses"])
+    out_console.print(f"trained: epoch losses [{losses}] -> {result['seg_model']}")
+
+
+@app.command("predict")
+def predict(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="seg_model.pt written by train-seg."),
+    data: Path = typer.Option(..., "--data", help="Dataset config YAML."),
+    out: Path = typer.Option(..., "--out", help="Output folder: pred/<id>.png and metrics.json."),
+    scales: str = typer.Option("0.5,1.0,1.5,2.0", "--scales", help="Comma-separated test-time scales."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Add horizontally flipped inputs."),
+    crf: Optional[str] = typer.Option(None, "--crf", help="Dense-CRF preset applied to the predictions: psa or label."),
+) -> None:
+    """Segment every image (multi-scale + flip softmax, optional dense CRF) and evaluate
+    J, F, J&F and boundary IoU when the dataset has masks."""
+    from weakseg.data import dataset_from_file
+    from weakseg.steps import predict as step
+
+    try:
+        scale_values = [float(s) for s in scales.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--scales: expected numbers separated by commas, got {scales!r}") from None
+    dataset = dataset_from_file(data)
+    with progress_bar() as bars:
+        task = bars.add_task("predict", total=None)
+        result = step.run(checkpoint, dataset, out, step.SegInferConfig(scale_values, flip, crf),
+                          on_image=lambda i, n: bars.update(task, completed=i, total=n))
+    if "miou" in result:
+        out_console.print(f"J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
+                          f"boundary IoU={_fmt(result['boundary_iou'])} -> {out / 'metrics.json'}")
+    else:
+        out_console.print(f"predictions for {result['num_images']} images -> {out / 'pred'}")
+
+
 @data_app.command("check")
 def data_check(config: Path = typer.Argument(..., help="Dataset config YAML (kind: voc|folder|nyu|coco|synthetic + its keys).")) -> None:
     """Load every sample of a dataset and report each broken file, one line per problem."""

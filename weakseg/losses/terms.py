@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from weakseg.errors import ConfigError
 from weakseg.losses import fsl as fsl_lib
 from weakseg.losses.classification import multilabel_soft_margin
+from weakseg.losses.segmentation import segmentation_ce
 from weakseg.losses.base import LossTerm, foreground_channels as _foreground
 from weakseg.losses import isl as isl_lib
 
@@ -136,3 +137,18 @@ def build_terms(config: LossConfig, generator: torch.Generator | None = None) ->
             )
         )
     return terms
+
+
+class SegmentationTerm(LossTerm):
+    """Cross-entropy of the segmentation network's logits against the per-sample training
+    targets (pseudo-labels) the trainer batches as "mask"; 255 is ignored."""
+
+    name = "seg"
+
+    def __init__(self, weight: float = 1.0, reads: list[str] | str = ("seg",)):
+        super().__init__(weight, 0, reads)
+
+    def value(self, scores, batch, background_channel):
+        if "mask" not in batch:
+            raise ConfigError("loss.seg: the batch has no training targets (pseudo-labels)")
+        return segmentation_ce(scores, batch["mask"])

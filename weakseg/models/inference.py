@@ -11,6 +11,12 @@ Conventions (per method):
   negative scores keep their order instead of all becoming 0; for ISL-trained models whose
   best threshold under ReLU sits at 0 (see docs/results.md).
 Only the classes asked for (those present in the image) are returned.
+
+Segmentation probabilities (`predict_probs`, for the final network's {"seg"} logits): the
+same scales and flips, but the logits are upsampled to H x W *before* the softmax, the way
+`segmentation_ce` compares them with the labels in training (and as DeepLab's multi-scale
+evaluation does); the probabilities are averaged over every scale and flip, so each pixel
+still sums to 1 (bilinear weights are convex).
 """
 
 from __future__ import annotations
@@ -20,6 +26,24 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from weakseg.data.tensor import normalize
+
+
+def _scale_and_flip(image: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:
+    """One image (1, 3, H, W) resized bilinearly by `scale` (each side rounded, at least one
+    pixel; 1.0 leaves it as is) -> the batch [scaled, scaled mirrored] (or [scaled])."""
+    _, _, h, w = image.shape
+    scaled = image if scale == 1.0 else F.interpolate(
+        image, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False
+    )
+    return torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
+
+
+def _merge_flip(maps: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Maps of a `_scale_and_flip` batch, already at the input size -> the sum of the original
+    and the un-mirrored flipped pass (or the one pass)."""
+    return maps[0] + maps[1].flip(-1) if flip else maps[0]
 
 
 @torch.no_grad()
@@ -42,11 +66,7 @@ def infer_cams(
     channels = [i + 1 if background_channel == 0 else i for i in idx] if background_channel is not None else idx
     total = torch.zeros(len(idx), h, w, device=image.device)
     for scale in scales:
-        scaled = image if scale == 1.0 else F.interpolate(
-            image, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False
-        )
-        batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
-        scores = model(batch)[output]
+        scores = model(_scale_and_flip(image, scale, flip))[output]
         if background_channel is not None:
             maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
         elif activation == "sigmoid":
@@ -55,6 +75,38 @@ def infer_cams(
             raise ValueError(f"CAM activation must be 'relu' or 'sigmoid', got {activation!r}")
         else:
             maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
-        total += (maps[0] + maps[1].flip(-1)) if flip else maps[0]
+        total += _merge_flip(maps, flip)
     total /= total.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
+    return total.cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+    flip: bool = True,
+    output: str = "seg",
+) -> np.ndarray:
+    """Class probabilities of one RGB image (3, H, W) in [0, 1] (uint8 0..255 is also taken)
+    -> (K, H, W) float32, the softmax averaged over `scales` and, with `flip`, mirrored passes.
+
+    The image is normalised with the model's `input_normalization` (ImageNet statistics when
+    it declares none), as the trainer does. It runs on `image.device`; put the model in eval
+    mode first (dropout and batch statistics would otherwise change the result).
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected one RGB image (3, H, W), got shape {tuple(image.shape)}")
+    if not scales:
+        raise ValueError("predict_probs needs at least one scale")
+    _, h, w = image.shape
+    rgb = image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
+    normalised = normalize(rgb.unsqueeze(0), getattr(model, "input_normalization", None))
+    total = None
+    for scale in scales:
+        logits = model(_scale_and_flip(normalised, scale, flip))[output]
+        probs = torch.softmax(F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False), dim=1)
+        merged = _merge_flip(probs, flip)
+        total = merged if total is None else total + merged
+    total /= len(scales) * (2 if flip else 1)
     return total.cpu().numpy().astype(np.float32)

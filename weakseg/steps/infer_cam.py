@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from weakseg.config import from_mapping
-from weakseg.data import dataset_from_file
+from weakseg.data import SegDataset, dataset_from_file
 from weakseg.data.io import atomic_path, write_label_png, write_text_atomic
 from weakseg.data.tensor import images_to_tensor
 from weakseg.errors import DataError
@@ -56,7 +56,7 @@ def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int]) -> None:
 
 def run(
     checkpoint: str | Path,
-    data_config: str | Path,
+    data_config: str | Path | SegDataset,
     out_dir: str | Path,
     scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     flip: bool = True,
@@ -68,7 +68,8 @@ def run(
     out = Path(out_dir)
     dev = pick_device(device)
     model, state = load_cam_model(checkpoint, dev)
-    dataset = dataset_from_file(data_config)
+    # A dataset config file (the CLI) or an already built dataset (`weakseg run`).
+    dataset = data_config if isinstance(data_config, SegDataset) else dataset_from_file(data_config)
     if list(dataset.class_names) != list(state["class_names"]):
         raise DataError(data_config, "dataset classes differ from the classes the checkpoint was trained on")
     has_masks = True

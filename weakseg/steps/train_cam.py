@@ -60,6 +60,11 @@ def save_cam_model(path: Path, model: CAMNet, model_config: ModelConfig, dataset
 
 def run(config_path: str | Path, overrides: list[str] | None = None, on_step=None) -> dict:
     config, base_dir = load_config(config_path, overrides)
+    return run_config(config, base_dir, on_step)
+
+
+def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dict:
+    """Train from a config object; dataset paths resolve against `base_dir`."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))

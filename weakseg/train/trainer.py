@@ -16,7 +16,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -56,11 +56,19 @@ class AugmentedDataset(torch.utils.data.Dataset):
     """Samples as training tensors. The augmentation of (epoch, index) is a pure function of
     the seed, so a resumed run sees exactly the same crops and flips."""
 
-    def __init__(self, dataset: SegDataset, augment: AugmentConfig, seed: int, need_depth: bool):
+    def __init__(
+        self,
+        dataset: SegDataset,
+        augment: AugmentConfig,
+        seed: int,
+        need_depth: bool,
+        masks: Callable[[str], np.ndarray] | None = None,
+    ):
         self.dataset = dataset
         self.pipeline = build_augment(augment, "train.augment")
         self.seed = seed
         self.need_depth = need_depth
+        self.masks = masks  # sample id -> (H, W) uint8 training target (pseudo-labels), 255 ignored
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -73,7 +81,10 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
             raise DataError(sample.id, "a loss term needs depth but this sample has none")
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, _, depth = self.pipeline(sample.image, None, sample.depth, rng=rng)
+        # Ground-truth masks never reach training (weak supervision); `masks` supplies targets
+        # such as pseudo-labels, augmented with the image (nearest, padding 255).
+        target = self.masks(sample.id) if self.masks is not None else None
+        image, target, depth = self.pipeline(sample.image, target, sample.depth, rng=rng)
         item = {
             # np.require copies read-only views (e.g. a cached sample) so torch may own the buffer.
             "rgb": torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float() / 255.0,
@@ -81,6 +92,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
         }
         if depth is not None and self.need_depth:
             item["depth"] = torch.from_numpy(np.require(depth, requirements=["C", "W"])).unsqueeze(0)
+        if target is not None:
+            item["mask"] = torch.from_numpy(np.require(target, requirements=["C", "W"])).long()
         return item
 
 
@@ -150,23 +163,30 @@ class _Logger:
 def train(
     model: torch.nn.Module,
     dataset: SegDataset,
-    loss_config: LossConfig,
+    loss_config: LossConfig | Sequence[LossTerm],
     config: TrainConfig,
     out_dir: Path,
     background_channel: int | None = None,
     on_step=None,
+    masks: Callable[[str], np.ndarray] | None = None,
 ) -> dict:
-    """Train `model` (outputs a dict of named maps) on `dataset`; returns {"epoch_losses": [...]}."""
+    """Train `model` (outputs a dict of named maps) on `dataset`; returns {"epoch_losses": [...]}.
+
+    `loss_config` is a `loss:` section (CAM methods) or ready loss terms (the segmentation
+    network's cross-entropy); `masks` gives per-sample training targets, batched as "mask"."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    terms: list[LossTerm] = build_terms(loss_config, generator)
+    if isinstance(loss_config, LossConfig):
+        terms: list[LossTerm] = build_terms(loss_config, generator)
+    else:
+        terms = list(loss_config)
     extra = [p for term in terms for p in term.parameters()]
     model.to(device)
     optimizer = build_optimizer(model, extra, config)
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
-    data = AugmentedDataset(dataset, config.augment, config.seed, need_depth)
+    data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, masks)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)

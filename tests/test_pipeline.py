@@ -1,0 +1,169 @@
+"""`weakseg run` end to end on small synthetic data: every stage in results.json, the stage
+metrics equal an independent evaluation of the files on disk, finished steps are skipped,
+a changed config re-runs exactly the steps that depend on it, and `--from` re-runs a step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from weakseg.cli import app
+from weakseg.data import build_dataset
+from weakseg.data.io import read_label_map
+from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.steps import pipeline
+
+TRAIN = {
+    "epochs": 4,
+    "batch_size": 8,
+    "optimizer": "adamw",
+    "lr": 0.01,
+    "weight_decay": 0.0001,
+    "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5},
+}
+SMALL = {
+    "dataset": {"kind": "synthetic", "num_images": 48, "image_size": 40},
+    "cam": {
+        "model": {"backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4}},
+        "loss": {"classification": {"kind": "gap"}},
+        "train": TRAIN,
+        "infer": {"scales": [1.0], "flip": True},
+    },
+    "refine": {"method": "pamr", "pamr_iterations": 3},
+    "pseudo_labels": {"confidence": 0.3},
+    "seg": {
+        "model": {"backbone": "tiny_cnn", "backbone_args": {"width": 16, "output_stride": 4}, "aspp_channels": 16},
+        "train": dict(TRAIN, epochs=24, optimizer="sgd", lr=0.01),
+        "infer": {"scales": [1.0], "flip": True},
+    },
+}
+
+
+def write(tmp_path, **changes):
+    data = json.loads(json.dumps(SMALL))
+    for key, value in changes.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            data[section][leaf] = value
+        else:
+            data[key] = value
+    data["out"] = str(tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def evaluate_folder(folder, dataset):
+    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+    for i in range(len(dataset)):
+        evaluator.add(read_label_map(folder / f"{dataset.ids[i]}.png"), dataset[i].mask)
+    return evaluator.summary()
+
+
+def test_run_end_to_end_skips_and_reruns(tmp_path):
+    config = write(tmp_path)
+    lines: list[str] = []
+    summary = pipeline.run(config, log=lines.append)
+    run_dir = tmp_path / "run"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results == json.loads(json.dumps(summary))
+    for stage in ("cam", "refined", "pseudo_labels", "final"):
+        values = results["stages"][stage]
+        assert set(values) == {"miou", "contour_f", "jf", "boundary_iou"}
+        assert values["jf"] == pytest.approx((values["miou"] + values["contour_f"]) / 2)
+        assert 0 <= values["miou"] <= 1
+
+    # The reported numbers are those of the files on disk, evaluated independently.
+    dataset = build_dataset(SMALL["dataset"])
+    final = evaluate_folder(run_dir / "final" / "pred", dataset)
+    assert final["miou"] == pytest.approx(results["stages"]["final"]["miou"], abs=1e-12)
+    labels = evaluate_folder(run_dir / "pseudo_labels" / "labels", dataset)
+    assert labels["miou"] == pytest.approx(results["stages"]["pseudo_labels"]["miou"], abs=1e-12)
+    assert 0 < results["pseudo_labels"]["coverage"] <= 1
+    # The segmentation network learnt its pseudo-labels: it agrees with them on most labelled
+    # pixels, more than predicting their most frequent class everywhere would.
+    hits, counts = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    for sample_id in dataset.ids:
+        label = read_label_map(run_dir / "pseudo_labels" / "labels" / f"{sample_id}.png")
+        pred = read_label_map(run_dir / "final" / "pred" / f"{sample_id}.png")
+        keep = label != 255
+        hits += np.bincount(label[keep][pred[keep] == label[keep]], minlength=256)
+        counts += np.bincount(label[keep], minlength=256)
+    majority = counts.max() / counts.sum()
+    assert hits.sum() / counts.sum() > majority + 0.06
+    # and not only on the majority class: the two most frequent classes are both mostly right
+    # (predicting one class everywhere would give 1 and 0)
+    top_two = np.argsort(counts)[-2:]
+    assert (hits[top_two] / counts[top_two]).min() > 0.6
+
+    # Nothing changed: every step is skipped and results.json is the same.
+    lines.clear()
+    again = pipeline.run(config, log=lines.append)
+    assert all("skipped" in line for line in lines) and len(lines) == len(pipeline.STEPS)
+    assert again["stages"] == summary["stages"]
+
+    # A changed pseudo-label threshold re-runs pseudo_labels and what follows, nothing before.
+    stamp = (run_dir / "cam" / "done.json").stat().st_mtime_ns
+    lines.clear()
+    pipeline.run(config, ["pseudo_labels.confidence=0.6"], log=lines.append)
+    ran = [line.split(":")[0] for line in lines if "running" in line]
+    assert ran == ["pseudo_labels", "seg_train", "final"]
+    assert (run_dir / "cam" / "done.json").stat().st_mtime_ns == stamp
+
+    # --from refined re-runs refined and everything after it.
+    lines.clear()
+    pipeline.run(config, ["pseudo_labels.confidence=0.6"], from_step="refined", log=lines.append)
+    assert [line.split(":")[0] for line in lines if "running" in line] == list(pipeline.STEPS[2:])
+
+
+def test_interrupted_training_step_resumes(tmp_path):
+    config = write(tmp_path)
+
+    def crash_in_seg(step):
+        def update(i, n):
+            if step == "seg_train" and i == 8:  # inside epoch 2 (6 steps per epoch)
+                raise KeyboardInterrupt
+
+        return update
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config, log=lambda m: None, progress=crash_in_seg)
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "seg_train" / "done.json").exists()
+    assert (run_dir / "seg_train" / "checkpoint.pt").exists()
+    lines: list[str] = []
+    pipeline.run(config, log=lines.append)
+    assert [line.split(":")[0] for line in lines if "running" in line] == ["seg_train", "final"]
+    log_rows = (run_dir / "seg_train" / "log.csv").read_text().splitlines()
+    epochs = SMALL["seg"]["train"]["epochs"]
+    assert len(log_rows) == 1 + epochs * 6  # header + 6 steps per epoch, the resumed epoch once
+
+
+def test_cli_run_and_bad_step_name(tmp_path):
+    config = write(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(config), "--from", "nonsense"])
+    assert result.exit_code != 0
+    assert "nonsense" in str(result.exception) or "nonsense" in result.output
+
+
+@pytest.mark.parametrize("method", ["none", "crf", "spr", "affinity_rw"])
+def test_every_refiner_runs_in_the_pipeline(tmp_path, method):
+    if method == "crf":
+        pytest.importorskip("pydensecrf", reason="pydensecrf2 is not installed (pip install pydensecrf2)")
+    one_epoch = dict(TRAIN, epochs=1)
+    affinity = {"backbone_args": {"width": 8, "output_stride": 4}, "dim": 16,
+                "train": {"epochs": 1, "batch_size": 8, "augment": {"crop_size": 40}}}
+    config = write(tmp_path, **{"refine": {"method": method, "pamr_iterations": 3, "affinity": affinity},
+                                "seg.train": one_epoch})
+    summary = pipeline.run(config, log=lambda m: None)
+    refined = json.loads((tmp_path / "run" / "refined" / "refined_metrics.json").read_text())
+    assert refined["method"] == method and summary["stages"]["refined"]["miou"] == refined["miou"]
+    if method == "none":  # no refiner: the argmax of [(1 - max cam), cams] is the CAM at threshold 0.5
+        assert summary["stages"]["refined"]["miou"] > 0
+    if method == "affinity_rw":
+        assert (tmp_path / "run" / "refined" / "affinity" / "checkpoint.pt").is_file()

@@ -1,0 +1,53 @@
+"""The one refiner interface and the background-score convention shared by every refiner.
+
+A refiner maps (probabilities, image) to refined probabilities:
+
+    refined = refiner(probs, image)
+    probs, refined: float32 (K, H, W), channel 0 background, channels 1..K-1 the classes
+                    present in the image (in the order of the CAM file's class_ids);
+                    each pixel sums to 1 over K.
+    image:          uint8 (H, W, 3) RGB, the image the CAMs were computed for.
+
+CAMs become probabilities with `cams_to_probs`: the background score is (1 - max_c cam_c)^alpha
+(psa/SEAM; alpha > 1 shrinks the background, < 1 grows it), then scores are normalised per
+pixel. Refiners only see the present classes, so a refiner can never invent an absent one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Refiner(Protocol):
+    name: str
+
+    def __call__(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray: ...
+
+
+def background_score(cams: np.ndarray, alpha: float) -> np.ndarray:
+    """(1 - max_c cams_c)^alpha for max-normalised CAMs in [0, 1], shape (C, H, W) -> (H, W).
+    With no class present the background is 1 everywhere."""
+    if cams.shape[0] == 0:
+        return np.ones(cams.shape[1:], dtype=np.float32)
+    peak = np.clip(cams.max(axis=0), 0.0, 1.0)
+    return np.power(1.0 - peak, alpha, dtype=np.float32)
+
+
+def cams_to_probs(cams: np.ndarray, alpha: float = 1.0, eps: float = 1e-5) -> np.ndarray:
+    """Max-normalised CAMs of the present classes (C, H, W) in [0, 1] -> (1 + C, H, W)
+    probabilities: [background_score, cams] divided by their per-pixel sum."""
+    cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+    scores = np.concatenate([background_score(cams, alpha)[None], cams], axis=0)
+    return scores / np.maximum(scores.sum(axis=0, keepdims=True), eps)
+
+
+def check_inputs(probs: np.ndarray, image: np.ndarray, who: str) -> None:
+    """One clear error for the mistakes a caller can make."""
+    if probs.ndim != 3 or probs.shape[0] < 1:
+        raise ValueError(f"{who}: probabilities must be (K, H, W) with K >= 1, got {probs.shape}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{who}: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"{who}: probabilities {probs.shape[1:]} and image {image.shape[:2]} differ in size")

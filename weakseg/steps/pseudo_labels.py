@@ -1,0 +1,97 @@
+"""Step `pseudo-labels`: refined probabilities -> label maps for the segmentation network.
+
+Reads:   PROBS_DIR/probs/<id>.npz   (from the refine step: `probs` (K, H, W) float16,
+                                      `class_ids` (K,) the label id of each channel)
+         the dataset (masks, when it has them, for the metrics only)
+Writes:  OUT/labels/<id>.png        palette PNGs: argmax class, 255 where the top
+                                      probability is below `confidence` (not trained on)
+         OUT/pseudo_label_metrics.json  when masks exist, two views:
+             miou, contour_f, jf, boundary_iou: 255 counts as a miss (as for any prediction)
+             labelled_miou, labelled_precision, labelled_recall: on the labelled pixels only
+             (what the segmentation network is actually trained on), and `coverage`, the
+             share of non-void ground-truth pixels that carry a label.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from weakseg.data.base import SegDataset
+from weakseg.data.io import write_label_png, write_text_atomic
+from weakseg.errors import DataError
+from weakseg.metrics.evaluator import SegEvaluator
+
+IGNORE = 255
+
+
+@dataclass
+class PseudoLabelConfig:
+    # Pixels whose highest refined probability is below this are left out (255). 0 labels
+    # every pixel. psa/SEAM leave out pixels where the low- and high-alpha CRFs disagree;
+    # with one refinement the probability margin is the equivalent knob.
+    confidence: float = 0.0
+
+
+def load_probs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(path, "refined probabilities missing: run the refine step first")
+    try:
+        with np.load(path) as data:
+            return data["probs"].astype(np.float32), data["class_ids"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(path, f"not a refined-probabilities file ({exc})") from None
+
+
+def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) -> np.ndarray:
+    """Argmax over the K channels mapped to label ids; 255 below `confidence`."""
+    if probs.shape[0] == 0:
+        raise ValueError("no channel to label: an image with neither background nor classes")
+    label = class_ids[probs.argmax(axis=0)].astype(np.uint8)
+    if confidence > 0:
+        label[probs.max(axis=0) < confidence] = IGNORE
+    return label
+
+
+def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
+    probs_dir, out = Path(probs_dir), Path(out_dir)
+    everything = SegEvaluator(dataset.class_names, dataset.background_index)
+    labelled = SegEvaluator(dataset.class_names, dataset.background_index)
+    has_masks, covered, valid = True, 0, 0
+    for i in range(len(dataset)):
+        sample_id = dataset.ids[i]
+        probs, class_ids = load_probs(probs_dir / "probs" / f"{sample_id}.npz")
+        label = probs_to_label(probs, class_ids, config.confidence)
+        write_label_png(out / "labels" / f"{sample_id}.png", label)
+        if has_masks:
+            mask = dataset[i].mask
+            if mask is None:
+                has_masks = False
+            else:
+                everything.add(label, mask)
+                # On the labelled pixels only: void the ground truth where the label is void.
+                labelled.add(label, np.where(label == IGNORE, IGNORE, mask).astype(np.uint8))
+                valid_gt = mask != IGNORE
+                covered += int(np.count_nonzero(valid_gt & (label != IGNORE)))
+                valid += int(np.count_nonzero(valid_gt))
+        if on_image is not None:
+            on_image(i + 1, len(dataset))
+    result: dict = {"num_images": len(dataset), "confidence": config.confidence}
+    if has_masks:
+        summary = everything.summary()
+        part = labelled.summary()
+        result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou")})
+        result.update(
+            {
+                "labelled_miou": part["miou"],
+                "labelled_precision": part["precision"],
+                "labelled_recall": part["recall"],
+                "coverage": covered / max(1, valid),
+                "per_class_iou": summary["per_class_iou"],
+            }
+        )
+        write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result

@@ -1,0 +1,176 @@
+"""Step `refine`: CAMs + images -> refined per-pixel probabilities, and how good their argmax is.
+
+Reads:   CAM_DIR/cams/<id>.npz   (from infer-cam: max-normalised CAMs of the present classes)
+         the dataset (images; masks, when it has them, for the metrics only)
+Writes:  OUT/probs/<id>.npz      `probs` (K, H, W) float16, `class_ids` (K,) the label id of
+                                  each channel (background first when the dataset has one)
+         OUT/refined_metrics.json  argmax of the refined probabilities against the masks
+         OUT/affinity/            the trained affinity network (method affinity_rw only)
+
+CAMs become probabilities with background (1 - max cam)^alpha (`weakseg.refine.base`); a
+dataset without a background class (NYUv2) uses the CAMs of the present classes normalised
+per pixel. `method: none` keeps those probabilities, so its metrics are the raw CAM argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from weakseg.data.base import SegDataset
+from weakseg.data.io import atomic_path, write_text_atomic
+from weakseg.errors import ConfigError, DataError
+from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.refine.base import cams_to_probs
+from weakseg.train.affinity import AffinityTrainConfig, train_affinity
+from weakseg.train.trainer import pick_device
+
+
+@dataclass
+class AffinityStageConfig:
+    """AffinityNet (Ahn & Kwak 2018) trained on the CAMs, then its random walk (psa eq. 8-10)."""
+
+    # Background powers (alpha_low, alpha_high) of the affinity labels: seam (4, 24),
+    # hfpl (1, 24), icam (2, 4) (weakseg.refine.affinity); null: train.alpha_low/high.
+    preset: str | None = "seam"
+    backbone: str = "tiny_cnn"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    dim: int = 448
+    crf_labels: bool = False  # refine the two confident-region maps with the psa CRF, as psa does
+    train: AffinityTrainConfig = field(default_factory=AffinityTrainConfig)
+    beta: float = 8.0
+    log_t: int = 6
+
+
+@dataclass
+class RefineConfig:
+    method: Literal["none", "crf", "pamr", "spr", "affinity_rw"] = "crf"
+    background_alpha: float = 1.0  # background score (1 - max cam)^alpha (psa, SEAM)
+    # A constant background score instead (IRN, SEAM's evaluation: the CAM threshold). Not
+    # taken from infer-cam's best threshold automatically: that one is chosen on the masks.
+    background_constant: float | None = None
+    crf_preset: Literal["psa", "label"] = "psa"
+    pamr_iterations: int = 10
+    spr_alpha: float = 0.8  # shape-cues eq. 5-6; 1.0 is PAMR
+    affinity: AffinityStageConfig = field(default_factory=AffinityStageConfig)
+
+
+def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(path, "CAM file missing: run infer-cam first")
+    try:
+        with np.load(path) as data:
+            return data["cams"].astype(np.float32), data["class_ids"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(path, f"not a CAM file written by infer-cam ({exc})") from None
+
+
+def cams_to_channel_probs(
+    cams: np.ndarray, class_ids: np.ndarray, background_index: int | None, alpha: float, constant: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(K, H, W) probabilities and the label id of each channel."""
+    if background_index is not None:
+        ids = np.concatenate([[background_index], class_ids]).astype(np.int64)
+        if constant is None:
+            return cams_to_probs(cams, alpha), ids
+        scores = np.concatenate([np.full((1, *cams.shape[1:]), constant, np.float32), np.clip(cams, 0.0, 1.0)])
+        return scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5), ids
+    if cams.shape[0] == 0:
+        raise ValueError("an image with no class and no background class has nothing to label")
+    cams = np.clip(cams, 0.0, 1.0)
+    total = cams.sum(axis=0, keepdims=True)
+    probs = np.where(total > 1e-5, cams / np.maximum(total, 1e-5), 1.0 / cams.shape[0]).astype(np.float32)
+    return probs, class_ids
+
+
+def build_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step=None):
+    """The configured refiner (an object following weakseg.refine.base.Refiner) or None."""
+    if config.method == "none":
+        return None
+    if config.method == "crf":
+        from weakseg.refine.crf import DenseCRF
+
+        return DenseCRF(config.crf_preset)
+    if config.method == "pamr":
+        from weakseg.refine.pamr import PAMR
+
+        return PAMR(iterations=config.pamr_iterations)
+    if config.method == "spr":
+        from weakseg.refine.pamr import SPR
+
+        return SPR(alpha=config.spr_alpha, iterations=config.pamr_iterations)
+    if config.method == "affinity_rw":
+        return _affinity_refiner(config, dataset, cam_dir, out / "affinity", on_step)
+    raise ConfigError(f"refine.method: {config.method!r}; allowed values: none, crf, pamr, spr, affinity_rw")
+
+
+def _affinity_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step):
+    from weakseg.refine.affinity import AFFINITY_ALPHA_PRESETS, AffinityNet, RandomWalk
+
+    if dataset.background_index is None:
+        raise ConfigError("refine.method: affinity_rw needs a dataset with a background class (its labels are "
+                          "confident foreground / confident background regions); use crf, pamr or spr")
+    stage = config.affinity
+    train_config = stage.train
+    if stage.preset is not None:
+        if stage.preset not in AFFINITY_ALPHA_PRESETS:
+            raise ConfigError(f"refine.affinity.preset: {stage.preset!r}; allowed values: "
+                              f"{', '.join(AFFINITY_ALPHA_PRESETS)} or null")
+        low, high = AFFINITY_ALPHA_PRESETS[stage.preset]
+        train_config = dataclasses.replace(train_config, alpha_low=low, alpha_high=high)
+    crf = None
+    if stage.crf_labels:
+        from weakseg.refine.crf import DenseCRF
+
+        crf = DenseCRF("psa")
+    torch.manual_seed(train_config.seed)
+    model = AffinityNet(stage.backbone, stage.dim, **stage.backbone_args)
+    model = train_affinity(model, dataset, cam_dir, train_config, out, crf=crf, on_step=on_step)
+    return RandomWalk(model, stage.beta, stage.log_t, train_config.radius, device=pick_device(train_config.device))
+
+
+def save_probs(path: Path, probs: np.ndarray, class_ids: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probs=probs.astype(np.float16), class_ids=class_ids.astype(np.int64))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def run(
+    dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, config: RefineConfig, on_image=None, on_step=None
+) -> dict:
+    cam_dir, out = Path(cam_dir), Path(out_dir)
+    refiner = build_refiner(config, dataset, cam_dir, out, on_step)
+    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+    has_masks = True
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        cams, class_ids = load_cams(cam_dir / "cams" / f"{sample.id}.npz")
+        if cams.shape[1:] != sample.image.shape[:2]:
+            raise DataError(cam_dir / "cams" / f"{sample.id}.npz", f"CAMs {cams.shape[1:]} do not match the image {sample.image.shape[:2]}")
+        probs, channel_ids = cams_to_channel_probs(
+            cams, class_ids, dataset.background_index, config.background_alpha, config.background_constant
+        )
+        if refiner is not None and probs.shape[0] > 1:  # one channel: nothing to decide
+            probs = refiner(probs, sample.image)
+        save_probs(out / "probs" / f"{sample.id}.npz", probs, channel_ids)
+        if sample.mask is None:
+            has_masks = False
+        elif has_masks:
+            evaluator.add(channel_ids[probs.argmax(axis=0)].astype(np.uint8), sample.mask)
+        if on_image is not None:
+            on_image(i + 1, len(dataset))
+    result: dict = {"num_images": len(dataset), "method": config.method}
+    if has_masks:
+        summary = evaluator.summary()
+        result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou")})
+        result["per_class_iou"] = summary["per_class_iou"]
+        write_text_atomic(out / "refined_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
