@@ -31,9 +31,16 @@ def inner_boundary(mask: np.ndarray, width: int) -> np.ndarray:
         return mask.copy()
     # Chessboard distance to the nearest non-mask pixel, with a one-pixel zero frame so the
     # image edge counts as non-mask; equals eroding by a (2w+1)^2 square, at O(HW) cost.
-    padded = np.pad(mask, 1, constant_values=False)
+    # Only the mask's bounding box is transformed: the frame around it is non-mask either
+    # way (pixels outside the box, or beyond the image edge), so the distances are the same.
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    padded = np.pad(mask[box], 1, constant_values=False)
     dist = ndimage.distance_transform_cdt(padded, metric="chessboard")[1:-1, 1:-1]
-    return mask & (dist <= width)
+    band = np.zeros_like(mask)
+    band[box] = mask[box] & (dist <= width)
+    return band
 
 
 def class_boundary_iou_counts(
