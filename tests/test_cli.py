@@ -4,7 +4,6 @@ real VOC masks, and one clear error per bad input."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -174,3 +174,16 @@ def resolve_under(root: str | Path, relative: str, what: str = "id") -> Path:
     if candidate != root_path and root_path not in candidate.parents:
         raise DataError(Path(root) / relative, f"{what} {relative!r} would escape the dataset root {root}")
     return Path(root) / pure
+
+
+def read_arrays(path: str | Path, names: Sequence[str], what: str, missing_hint: str = "") -> list[np.ndarray]:
+    """The named arrays of an .npz file written by a step (no pickles). A missing file or
+    array raises one DataError naming the file; `missing_hint` says which step makes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"{what} does not exist" + (f"; {missing_hint}" if missing_hint else ""))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return [np.asarray(data[name]) for name in names]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(path, f"not a {what} ({exc})") from None

@@ -74,6 +74,12 @@ class SegEvaluator:
         f[~self.present()] = np.nan
         return f
 
+    def headline(self) -> dict:
+        """The four stage metrics (J, F, J&F, boundary IoU) and per-class IoU."""
+        summary = self.summary()
+        keys = ("miou", "contour_f", "jf", "boundary_iou", "per_class_iou")
+        return {k: summary[k] for k in keys}
+
     def summary(self) -> dict:
         iou = confusion.per_class_iou(self.cm)
         f = self.per_class_f()

@@ -28,19 +28,11 @@ from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import ModelConfig, build_model
 from weakseg.models.inference import infer_cams
-from weakseg.train.trainer import load_checkpoint, pick_device
+from weakseg.train.trainer import load_model_file, pick_device
 
 
 def load_cam_model(path: str | Path, device: torch.device):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint does not exist")
-    try:
-        state = load_checkpoint(path)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise DataError(path, f"not a weakseg CAM checkpoint, or it holds code and was refused ({exc})") from None
-    if not isinstance(state, dict) or "model_config" not in state:
-        raise DataError(path, "not a cam_model.pt written by `weakseg train-cam`")
+    state = load_model_file(path, "model_config", "cam_model.pt written by `weakseg train-cam`")
     config = from_mapping(ModelConfig, state["model_config"], "model")
     model = build_model(config, len(state["class_names"]) - (0 if state["background_index"] is None else 1))
     model.load_state_dict(state["model"])

@@ -22,7 +22,7 @@ from weakseg.errors import DataError
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.models.inference import predict_probs
-from weakseg.train.trainer import load_checkpoint, pick_device
+from weakseg.train.trainer import load_model_file, pick_device
 
 @dataclass
 class SegInferConfig:
@@ -36,15 +36,7 @@ CRF_MIN_PROB = 1e-3
 
 
 def load_seg_model(path: str | Path, device: torch.device):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint does not exist")
-    try:
-        state = load_checkpoint(path)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise DataError(path, f"not a weakseg checkpoint, or it holds code and was refused ({exc})") from None
-    if not isinstance(state, dict) or "seg_model_config" not in state:
-        raise DataError(path, "not a seg_model.pt written by `weakseg train-seg`")
+    state = load_model_file(path, "seg_model_config", "seg_model.pt written by `weakseg train-seg`")
     config = from_mapping(SegModelConfig, state["seg_model_config"], "model")
     model = build_seg_model(config, len(state["class_names"]))
     model.load_state_dict(state["model"])
@@ -91,8 +83,6 @@ def run(
             on_image(i + 1, len(dataset))
     result: dict = {"num_images": len(dataset)}
     if has_masks:
-        summary = evaluator.summary()
-        result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou")})
-        result["per_class_iou"] = summary["per_class_iou"]
+        result.update(evaluator.headline())
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from weakseg.data.base import SegDataset
-from weakseg.data.io import write_label_png, write_text_atomic
-from weakseg.errors import DataError
+from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
 from weakseg.metrics.evaluator import SegEvaluator
 
 IGNORE = 255
@@ -37,13 +36,8 @@ class PseudoLabelConfig:
 
 
 def load_probs(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DataError(path, "refined probabilities missing: run the refine step first")
-    try:
-        with np.load(path) as data:
-            return data["probs"].astype(np.float32), data["class_ids"].astype(np.int64)
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(path, f"not a refined-probabilities file ({exc})") from None
+    probs, class_ids = read_arrays(path, ("probs", "class_ids"), "refined-probabilities file", "run the refine step first")
+    return probs.astype(np.float32), class_ids.astype(np.int64)
 
 
 def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) -> np.ndarray:

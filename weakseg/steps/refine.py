@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from weakseg.data.base import SegDataset
-from weakseg.data.io import atomic_path, write_text_atomic
+from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.refine.base import cams_to_probs
@@ -63,13 +63,8 @@ class RefineConfig:
 
 
 def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DataError(path, "CAM file missing: run infer-cam first")
-    try:
-        with np.load(path) as data:
-            return data["cams"].astype(np.float32), data["class_ids"].astype(np.int64)
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(path, f"not a CAM file written by infer-cam ({exc})") from None
+    cams, class_ids = read_arrays(path, ("cams", "class_ids"), "CAM file", "run infer-cam first")
+    return cams.astype(np.float32), class_ids.astype(np.int64)
 
 
 def cams_to_channel_probs(
@@ -169,8 +164,6 @@ def run(
             on_image(i + 1, len(dataset))
     result: dict = {"num_images": len(dataset), "method": config.method}
     if has_masks:
-        summary = evaluator.summary()
-        result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou")})
-        result["per_class_iou"] = summary["per_class_iou"]
+        result.update(evaluator.headline())
         write_text_atomic(out / "refined_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -17,7 +17,6 @@ holding one resumes from it.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from weakseg.data.base import SegDataset
-from weakseg.data.io import read_label_map, write_label_png
+from weakseg.data.io import read_arrays, read_label_map, write_label_png
 from weakseg.data.transforms import AugmentConfig, build_augment, resize_nearest
 from weakseg.errors import ConfigError, DataError
 from weakseg.refine.affinity import (
@@ -37,7 +36,7 @@ from weakseg.refine.affinity import (
     pair_labels,
 )
 from weakseg.train.cam import poly_lr
-from weakseg.train.trainer import TrainConfig, build_optimizer, load_checkpoint, pick_device, save_checkpoint
+from weakseg.train.trainer import TrainConfig, build_optimizer, pick_device, resume_from, save_checkpoint, schedule_length
 
 
 @dataclass
@@ -53,13 +52,8 @@ class AffinityTrainConfig(TrainConfig):
 def load_cams(cam_dir: str | Path, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(cams (P, H, W) float32, class_ids (P,) int64) written by `weakseg infer-cam`."""
     path = Path(cam_dir) / "cams" / f"{sample_id}.npz"
-    if not path.is_file():
-        raise DataError(path, "CAM file does not exist; run `weakseg infer-cam` on this dataset first")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["cams"].astype(np.float32), data["class_ids"].astype(np.int64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(path, f"not a CAM file written by infer-cam ({exc})") from None
+    cams, class_ids = read_arrays(path, ("cams", "class_ids"), "CAM file", "run `weakseg infer-cam` on this dataset first")
+    return cams.astype(np.float32), class_ids.astype(np.int64)
 
 
 class AffinityLabels:
@@ -119,17 +113,12 @@ def train_affinity(
     pipeline = build_augment(config.augment, "train.augment")
     labels = AffinityLabels(dataset, cam_dir, out_dir, config.alpha_low, config.alpha_high, crf)
 
-    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = config.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = schedule_length(len(dataset), config)
 
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, epoch_losses = 0, []
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume_from(checkpoint_path, model, optimizer)
+    if state is not None:
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
 
     def item(index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,10 +20,10 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path
+from weakseg.errors import DataError
 from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.terms import LossConfig, LossTerm, build_terms
@@ -77,8 +77,6 @@ class AugmentedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.dataset[index]
         if self.need_depth and sample.depth is None:
-            from weakseg.errors import DataError
-
             raise DataError(sample.id, "a loss term needs depth but this sample has none")
         rng = np.random.default_rng([self.seed, self.epoch, index])
         # Ground-truth masks never reach training (weak supervision); `masks` supplies targets
@@ -121,6 +119,40 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     # weights_only: a checkpoint is data, never code (issue 6: safe loading).
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def schedule_length(num_samples: int, config: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run, with `max_steps_per_epoch` applied."""
+    steps_per_epoch = math.ceil(num_samples / config.batch_size)
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    return steps_per_epoch, config.epochs * steps_per_epoch
+
+
+def resume_from(checkpoint_path: Path, model: torch.nn.Module, optimizer) -> dict | None:
+    """Load model and optimiser state from a run's last per-epoch checkpoint, if there is one;
+    returns the checkpoint (epoch, epoch_losses, ...) or None."""
+    if not checkpoint_path.exists():
+        return None
+    state = load_checkpoint(checkpoint_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def load_model_file(path: str | Path, required_key: str, what: str) -> dict:
+    """A model file a step wrote (a dict with `required_key`); one DataError naming the file
+    when it is missing, is not such a file, or holds code (refused by weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint does not exist")
+    try:
+        state = load_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DataError(path, f"not a weakseg checkpoint, or it holds code and was refused ({exc})") from None
+    if not isinstance(state, dict) or required_key not in state:
+        raise DataError(path, f"not a {what}")
+    return state
 
 
 class _Logger:
@@ -187,17 +219,12 @@ def train(
     optimizer = build_optimizer(model, extra, config)
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, masks)
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = config.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = schedule_length(len(data), config)
 
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, epoch_losses = 0, []
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume_from(checkpoint_path, model, optimizer)
+    if state is not None:
         for term, term_state in zip(terms, state.get("terms", [])):
             term.load_state_dict(term_state)
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
