@@ -1,7 +1,12 @@
-"""Per-image time of the dense CRF, PAMR and SPR refiners at VOC size (500x375, background +
-3 present classes): a markdown table of the median (and min/max) over a few runs.
+"""Per-image time of every refiner at VOC size (500x375, background + 3 present classes): the
+dense CRF, PAMR, SPR and the AffinityNet random walk; a markdown table of the median (and
+min/max) over a few runs.
 
-    OMP_NUM_THREADS=1 python benchmarks/refiner_time_crf_pamr.py [--repeats 5] [--device cpu] [--device cuda]
+    OMP_NUM_THREADS=1 python benchmarks/refiner_time.py [--repeats 5] [--device cpu] [--device cuda]
+
+The random walk's time includes the AffinityNet forward pass (EfficientNet-Lite0, output
+stride 16, as in configs/voc_icam.yaml; an untrained head costs the same as a trained one),
+the walk (beta 8, 2^6 steps, radius 5) and the upsampling.
 
 The input is synthetic but shaped like the real thing: a smooth random image (uint8) and
 probabilities from smooth random CAMs through `cams_to_probs`, so the CRF's permutohedral
@@ -21,6 +26,7 @@ from scipy import ndimage
 
 from weakseg.refine.base import cams_to_probs
 from weakseg.refine.crf import DenseCRF
+from weakseg.refine.affinity import AffinityNet, RandomWalk
 from weakseg.refine.pamr import PAMR, SPR
 
 WIDTH, HEIGHT, PRESENT = 500, 375, 3
@@ -71,6 +77,10 @@ def main() -> None:
         cuda = device == "cuda"
         rows.append(("pamr", device, time_refiner(PAMR(device=device), probs, image, args.repeats, cuda)))
         rows.append(("spr (alpha 0.8)", device, time_refiner(SPR(device=device), probs, image, args.repeats, cuda)))
+        torch.manual_seed(0)
+        net = AffinityNet("efficientnet_lite0", output_stride=16)
+        walk = RandomWalk(net, beta=8, log_t=6, radius=5, device=device)
+        rows.append(("affinity_rw (Lite0, OS16)", device, time_refiner(walk, probs, image, args.repeats, cuda)))
 
     print(f"Per-image refiner time, {WIDTH}x{HEIGHT}, K = 1 + {PRESENT}, median of {args.repeats} runs "
           f"(torch threads: {torch.get_num_threads()}"
