@@ -5,9 +5,11 @@ a changed config re-runs exactly the steps that depend on it, and `--from` re-ru
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -225,3 +227,45 @@ def test_cli_train_seg_and_predict(tmp_path):
     write_label_png(tmp_path / "labels" / "labels" / f"{dataset.ids[0]}.png", bad)
     result = runner.invoke(app, ["train-seg", str(config), f"out={tmp_path / 'seg2'}"])
     assert result.exit_code != 0 and dataset.ids[0] in str(result.exception)
+
+
+class _FixedScores(torch.nn.Module):
+    """A 'network' whose class scores are fixed maps, resized to the input (for inference tests)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, images):
+        size = images.shape[-2:]
+        maps = torch.nn.functional.interpolate(self.scores, size=size, mode="bilinear", align_corners=False)
+        return {"cams": maps.expand(images.shape[0], -1, -1, -1).clone()}
+
+
+def test_model_probabilities_binomial_and_multinomial_by_hand():
+    from weakseg.models.inference import infer_class_probs
+
+    image = torch.zeros(1, 3, 4, 4)
+    # binomial: classes 0 and 2 present with scores 0 and log 3 -> b = 1/2 and 3/4,
+    # background (1 - 1/2)(1 - 3/4) = 1/8; normalised by 1/8 + 1/2 + 3/4 = 11/8
+    scores = torch.tensor([0.0, 5.0, math.log(3.0)]).view(1, 3, 1, 1).expand(1, 3, 4, 4).clone()
+    probs = infer_class_probs(_FixedScores(scores), image, [0, 2], scales=[1.0], flip=True)
+    np.testing.assert_allclose(probs[:, 0, 0], [1 / 11, 4 / 11, 6 / 11], rtol=1e-6)
+    # multinomial: channel 0 background; softmax restricted to background + present class 1
+    scores = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4).clone()
+    probs = infer_class_probs(_FixedScores(scores), image, [0], scales=[1.0, 0.5], flip=False, background_channel=0)
+    e = np.exp([1.0, 2.0])
+    np.testing.assert_allclose(probs[:, 2, 3], e / e.sum(), rtol=1e-6)
+
+
+def test_refine_with_the_model_background(tmp_path):
+    config = write(tmp_path, **{"refine": {"method": "none", "background": "model"}, "seg.train": dict(TRAIN, epochs=1)})
+    summary = pipeline.run(config, log=lambda m: None)
+    dataset = build_dataset(SMALL["dataset"])
+    with np.load(tmp_path / "run" / "cam" / "cams" / f"{dataset.ids[0]}.npz") as stored:
+        probs, cams = stored["probs"].astype(np.float32), stored["cams"]
+    assert probs.shape[0] == 1 + cams.shape[0] and np.allclose(probs.sum(0), 1, atol=2e-3)
+    # refine.method none with the model background: the refined labels are the argmax of those probabilities
+    with np.load(tmp_path / "run" / "refined" / "probs" / f"{dataset.ids[0]}.npz") as refined:
+        np.testing.assert_array_equal(refined["probs"].astype(np.float32).argmax(0), probs.argmax(0))
+    assert summary["stages"]["refined"]["miou"] > 0

@@ -81,6 +81,47 @@ def infer_cams(
 
 
 @torch.no_grad()
+def infer_class_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    class_indices: Sequence[int],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    background_channel: int | None = None,
+    output: str = "cams",
+) -> np.ndarray:
+    """The CAM network's own per-pixel probabilities of [background, present classes] for one
+    normalised image (1, 3, H, W) -> (1 + len(class_indices), H, W) float32, summing to 1.
+
+    Unlike the max-normalised CAMs, these keep the model's calibration, so they can decide
+    background without a threshold:
+    - with a background channel (multinomial, icam eq. 1): the softmax over all channels,
+      restricted to background + the present classes and renormalised (absent classes are
+      removed, as icam §4.1 does for pseudo-labels);
+    - without (binomial, hfpl eq. 14): b_c = sigmoid(s_c) per present class and background
+      prod_c (1 - b_c), the probability that no present class is there; then normalised.
+    Logits are upsampled bilinearly before the activation; scales and flips are averaged.
+    """
+    _, _, h, w = image.shape
+    idx = list(class_indices)
+    total = torch.zeros(1 + len(idx), h, w, device=image.device)
+    for scale in scales:
+        scores = model(_scale_and_flip(image, scale, flip))[output]
+        scores = F.interpolate(scores.float(), size=(h, w), mode="bilinear", align_corners=False)
+        if background_channel is not None:
+            keep = [background_channel] + [i + 1 if background_channel == 0 else i for i in idx]
+            probs = torch.softmax(scores, dim=1)[:, keep]
+        else:
+            fg = torch.sigmoid(scores[:, idx])
+            background = torch.exp(torch.log1p(-fg.clamp(max=1 - 1e-7)).sum(dim=1, keepdim=True))
+            probs = torch.cat([background, fg], dim=1)
+        probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        total += _merge_flip(probs, flip)
+    total /= len(scales) * (2 if flip else 1)
+    return total.cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
 def predict_probs(
     model: torch.nn.Module,
     image: torch.Tensor,

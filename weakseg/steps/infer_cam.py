@@ -2,7 +2,9 @@
 
 Reads:   CKPT (cam_model.pt from `train-cam`), a dataset config.
 Writes:  OUT/cams/<id>.npz          compressed float16 CAMs of the present classes
-                                     (`cams` (P, H, W) in [0, 1], `class_ids` (P,) mask ids)
+                                     (`cams` (P, H, W) in [0, 1], `class_ids` (P,) mask ids;
+                                     with `with_probs`, `probs` (1 + P, H, W): the model's own
+                                     background + class probabilities, see infer_class_probs)
          OUT/pseudo_labels/<id>.png palette PNGs at the background threshold
          OUT/cam_metrics.json       when the dataset has masks: miou, contour_f, jf,
                                      boundary_iou, best_threshold, per-class values, sweep
@@ -27,7 +29,7 @@ from weakseg.errors import DataError
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import ModelConfig, build_model
-from weakseg.models.inference import infer_cams
+from weakseg.models.inference import infer_cams, infer_class_probs
 from weakseg.train.trainer import load_model_file, pick_device
 
 
@@ -39,9 +41,12 @@ def load_cam_model(path: str | Path, device: torch.device):
     return model.to(device).eval(), state
 
 
-def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int]) -> None:
+def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int], probs: np.ndarray | None = None) -> None:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, cams=cams.astype(np.float16), class_ids=np.asarray(class_ids, dtype=np.int64))
+    arrays = {"cams": cams.astype(np.float16), "class_ids": np.asarray(class_ids, dtype=np.int64)}
+    if probs is not None:
+        arrays["probs"] = probs.astype(np.float16)
+    np.savez_compressed(buffer, **arrays)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
 
@@ -56,6 +61,7 @@ def run(
     device: str = "auto",
     on_image=None,
     activation: str = "relu",
+    with_probs: bool = False,
 ) -> dict:
     out = Path(out_dir)
     dev = pick_device(device)
@@ -75,7 +81,10 @@ def run(
         # Rounded to float16 here, as stored, so the sweep scores exactly the saved CAMs.
         cams = infer_cams(model, image, indices, scales, flip, model.background_channel, activation=activation).astype(np.float16).astype(np.float32)
         class_ids = sample.present_class_ids
-        save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids)
+        probs = None
+        if with_probs:  # the model's own [background, classes] probabilities, for refinement
+            probs = infer_class_probs(model, image, indices, scales, flip, model.background_channel)
+        save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids, probs)
         cam_files.append((sample.id, class_ids))
         masks.append(sample.mask)
         if sample.mask is None:

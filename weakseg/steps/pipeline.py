@@ -91,7 +91,7 @@ def step_hashes(config: PipelineConfig, base_dir: Path) -> dict[str, str]:
     data_key = {"dataset": config.dataset, "base_dir": str(base_dir)}
     sections = {
         "cam_train": [data_key, to_dict(config.cam.model), to_dict(config.cam.loss), to_dict(config.cam.train)],
-        "cam": to_dict(config.cam.infer),
+        "cam": [to_dict(config.cam.infer), config.refine.background == "model"],
         "refined": to_dict(config.refine),
         "pseudo_labels": to_dict(config.pseudo_labels),
         "seg_train": [to_dict(config.seg.model), to_dict(config.seg.train)],
@@ -166,7 +166,7 @@ def run(
         infer = config.cam.infer
         return infer_cam.run(
             folders["cam_train"] / "cam_model.pt", dataset, folders["cam"], infer.scales, infer.flip,
-            infer.threshold, on_image=progress("cam"),
+            infer.threshold, on_image=progress("cam"), with_probs=config.refine.background == "model",
         )
 
     def refined():

@@ -52,10 +52,15 @@ class AffinityStageConfig:
 @dataclass
 class RefineConfig:
     method: Literal["none", "crf", "pamr", "spr", "affinity_rw"] = "crf"
-    background_alpha: float = 1.0  # background score (1 - max cam)^alpha (psa, SEAM)
-    # A constant background score instead (IRN, SEAM's evaluation: the CAM threshold). Not
-    # taken from infer-cam's best threshold automatically: that one is chosen on the masks.
-    background_constant: float | None = None
+    # Where the background score comes from:
+    #   power:    (1 - max cam)^background_alpha (psa, SEAM)
+    #   constant: background_constant everywhere (IRN, SEAM's evaluation: a CAM threshold)
+    #   model:    the CAM network's own probabilities (infer_class_probs: its background
+    #             channel, or prod (1 - sigmoid) of the binomial view); no threshold at all.
+    # None of them is taken from infer-cam's best threshold: that one is chosen on the masks.
+    background: Literal["power", "constant", "model"] = "power"
+    background_alpha: float = 1.0
+    background_constant: float = 0.25
     crf_preset: Literal["psa", "label"] = "psa"
     pamr_iterations: int = 10
     spr_alpha: float = 0.8  # shape-cues eq. 5-6; 1.0 is PAMR
@@ -67,15 +72,31 @@ def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return cams.astype(np.float32), class_ids.astype(np.int64)
 
 
+def load_model_probs(path: Path) -> np.ndarray:
+    (probs,) = read_arrays(path, ("probs",), "CAM file with the model's probabilities",
+                           "refine.background: model needs infer-cam run with probabilities")
+    return probs.astype(np.float32)
+
+
 def cams_to_channel_probs(
-    cams: np.ndarray, class_ids: np.ndarray, background_index: int | None, alpha: float, constant: float | None = None
+    cams: np.ndarray, class_ids: np.ndarray, background_index: int | None, config: RefineConfig,
+    model_probs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(K, H, W) probabilities and the label id of each channel."""
+    if config.background == "model":
+        if model_probs is None or model_probs.shape[0] != 1 + len(class_ids):
+            raise ValueError("refine.background: model needs the [background, classes] probabilities of infer-cam")
+        if background_index is not None:
+            return model_probs, np.concatenate([[background_index], class_ids]).astype(np.int64)
+        fg = model_probs[1:]  # no background class: the present classes, renormalised
+        return fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-12), class_ids
     if background_index is not None:
         ids = np.concatenate([[background_index], class_ids]).astype(np.int64)
-        if constant is None:
-            return cams_to_probs(cams, alpha), ids
-        scores = np.concatenate([np.full((1, *cams.shape[1:]), constant, np.float32), np.clip(cams, 0.0, 1.0)])
+        if config.background == "power":
+            return cams_to_probs(cams, config.background_alpha), ids
+        scores = np.concatenate(
+            [np.full((1, *cams.shape[1:]), config.background_constant, np.float32), np.clip(cams, 0.0, 1.0)]
+        )
         return scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5), ids
     if cams.shape[0] == 0:
         raise ValueError("an image with no class and no background class has nothing to label")
@@ -150,9 +171,9 @@ def run(
         cams, class_ids = load_cams(cam_dir / "cams" / f"{sample.id}.npz")
         if cams.shape[1:] != sample.image.shape[:2]:
             raise DataError(cam_dir / "cams" / f"{sample.id}.npz", f"CAMs {cams.shape[1:]} do not match the image {sample.image.shape[:2]}")
-        probs, channel_ids = cams_to_channel_probs(
-            cams, class_ids, dataset.background_index, config.background_alpha, config.background_constant
-        )
+        cam_path = cam_dir / "cams" / f"{sample.id}.npz"
+        model_probs = load_model_probs(cam_path) if config.background == "model" else None
+        probs, channel_ids = cams_to_channel_probs(cams, class_ids, dataset.background_index, config, model_probs)
         if refiner is not None and probs.shape[0] > 1:  # one channel: nothing to decide
             probs = refiner(probs, sample.image)
         save_probs(out / "probs" / f"{sample.id}.npz", probs, channel_ids)
