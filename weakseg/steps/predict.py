@@ -65,7 +65,8 @@ def run(
     has_masks = True
     for i in range(len(dataset)):
         sample = dataset[i]
-        rgb = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float().div(255.0).to(dev)
+        # np.require copies read-only images (cached samples), which torch may not wrap.
+        rgb = torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1).float().div(255.0).to(dev)
         probs = predict_probs(model, rgb, config.scales, config.flip)
         probs = probs.cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
         if crf is not None:
