@@ -278,3 +278,16 @@ def test_pamr_spr_bad_inputs():
         SPR()(np.full((2, 4, 5), 0.5, np.float32), np.zeros((4, 6, 3), np.uint8))
     with pytest.raises(ValueError, match="alpha"):
         SPR(alpha=-0.1)
+
+
+@needs_densecrf
+def test_crf_accepts_read_only_inputs():
+    # Datasets hand out cached images as read-only arrays; pydensecrf needs writable buffers.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    probs = rng.random((3, 12, 16)).astype(np.float32)
+    probs /= probs.sum(0, keepdims=True)
+    expected = DenseCRF("psa")(probs.copy(), image.copy())
+    image.setflags(write=False)
+    probs.setflags(write=False)
+    np.testing.assert_array_equal(DenseCRF("psa")(probs, image), expected)

@@ -158,6 +158,36 @@ def run_pipeline(
     out_console.print(table)
 
 
+@app.command("refine")
+def refine_cams(
+    cams: Path = typer.Option(..., "--cams", help="infer-cam output folder (holding cams/<id>.npz)."),
+    data: Path = typer.Option(..., "--data", help="Dataset config YAML."),
+    out: Path = typer.Option(..., "--out", help="Output folder: probs/<id>.npz and refined_metrics.json."),
+    method: str = typer.Option("crf", "--method", help="none, crf, pamr or spr (affinity_rw trains a network: use weakseg run)."),
+    background: str = typer.Option("power", "--background", help="power, constant or model (see docs/pipeline.md)."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Background power: score (1 - max cam)^alpha."),
+    constant: float = typer.Option(0.25, "--constant", help="Constant background score (--background constant)."),
+    crf_preset: str = typer.Option("psa", "--crf-preset", help="Dense-CRF preset: psa or label."),
+) -> None:
+    """Refine CAMs into per-pixel probabilities (dense CRF, PAMR, SPR) and score their argmax
+    (J, F, J&F, boundary IoU) when the dataset has masks."""
+    from weakseg.config import from_mapping
+    from weakseg.data import dataset_from_file
+    from weakseg.steps import refine as step
+
+    config = from_mapping(step.RefineConfig, {"method": method, "background": background, "background_alpha": alpha,
+                                              "background_constant": constant, "crf_preset": crf_preset}, "refine")
+    dataset = dataset_from_file(data)
+    with progress_bar() as bars:
+        task = bars.add_task(f"refine ({method})", total=None)
+        result = step.run(dataset, cams, out, config, on_image=lambda i, n: bars.update(task, completed=i, total=n))
+    if "miou" in result:
+        out_console.print(f"refined: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
+                          f"boundary IoU={_fmt(result['boundary_iou'])} -> {out / 'refined_metrics.json'}")
+    else:
+        out_console.print(f"refined probabilities for {result['num_images']} images -> {out / 'probs'}")
+
+
 @app.command("train-seg")
 def train_seg(
     config: Path = typer.Argument(..., help="YAML with dataset, labels (a folder holding labels/<id>.png), model, train, out."),

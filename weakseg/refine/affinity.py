@@ -339,7 +339,7 @@ class RandomWalk:
         s = int(self.model.output_stride)
         features = image_features(self.model, image, self.device)
         grid = features.shape[-2:]
-        scores = torch.from_numpy(np.asarray(probs, dtype=np.float32)).to(self.device)
+        scores = torch.from_numpy(np.require(probs, np.float32, ["C", "W"])).to(self.device)
         # Replicate padding keeps every padded pixel a distribution (zeros would leak mass).
         scores = F.pad(scores[None], (0, -w % s, 0, -h % s), mode="replicate")
         padded_size = scores.shape[-2:]

@@ -106,7 +106,8 @@ def dense_crf(probs: np.ndarray, image: np.ndarray, params: str | CRFParams = "p
     # RGB<-BGR flip) would be read in the wrong order without any error, hence the copies.
     unary = -np.log(np.clip(probs.astype(np.float32, copy=False), UNARY_CLIP, 1.0))
     unary = np.ascontiguousarray(unary.reshape(k, h * w), dtype=np.float32)
-    rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    # ... and pydensecrf also refuses read-only buffers (datasets hand out cached, read-only images).
+    rgb = np.require(image, dtype=np.uint8, requirements=["C", "W"])
 
     crf = dcrf.DenseCRF2D(w, h, k)
     crf.setUnaryEnergy(unary)

@@ -224,7 +224,7 @@ def _to_torch(probs: np.ndarray, image: np.ndarray, who: str, device: str | torc
     check_inputs(probs, image, who)
     if not np.issubdtype(probs.dtype, np.floating):
         raise ValueError(f"{who}: probabilities must be floating point, got {probs.dtype}")
-    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None].to(device)
+    p = torch.from_numpy(np.require(probs, np.float32, ["C", "W"]))[None].to(device)
     # [0, 1] colours; the kernel divides by the local std, so the scale only matters against eps.
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / 255.0)[None].to(device)
     return p, x
