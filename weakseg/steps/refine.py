@@ -176,6 +176,8 @@ def run(
         probs, channel_ids = cams_to_channel_probs(cams, class_ids, dataset.background_index, config, model_probs)
         if refiner is not None and probs.shape[0] > 1:  # one channel: nothing to decide
             probs = refiner(probs, sample.image)
+        # Rounded to float16 here, as stored, so the metrics are those of the saved file.
+        probs = probs.astype(np.float16).astype(np.float32)
         save_probs(out / "probs" / f"{sample.id}.npz", probs, channel_ids)
         if sample.mask is None:
             has_masks = False
