@@ -299,3 +299,23 @@ def test_cli_refine_scores_what_it_writes(tmp_path):
         evaluator.add(label, dataset[i].mask)
     assert metrics["miou"] == pytest.approx(evaluator.summary()["miou"], abs=1e-12)
     assert metrics["miou"] > 0.5  # blurred true masks stay good masks
+
+
+def test_channel_probs_by_hand():
+    from weakseg.refine.base import channel_probs
+
+    cams = np.array([[[0.5]], [[0.25]]], dtype=np.float32)  # two present classes, one pixel
+    ids = np.array([3, 7])
+    # constant background 0.25: scores (0.25, 0.5, 0.25) / 1.0
+    probs, channels = channel_probs(cams, ids, 0, "constant", constant=0.25)
+    np.testing.assert_allclose(probs[:, 0, 0], [0.25, 0.5, 0.25], rtol=1e-6)
+    assert channels.tolist() == [0, 3, 7]
+    # power 2: background (1 - 0.5)^2 = 0.25, the same scores here
+    probs, _ = channel_probs(cams, ids, 0, "power", alpha=2.0)
+    np.testing.assert_allclose(probs[:, 0, 0], [0.25, 0.5, 0.25], rtol=1e-6)
+    # no background class: the present classes normalised, (2/3, 1/3)
+    probs, channels = channel_probs(cams, ids, None)
+    np.testing.assert_allclose(probs[:, 0, 0], [2 / 3, 1 / 3], rtol=1e-6)
+    assert channels.tolist() == [3, 7]
+    with pytest.raises(ValueError, match="model"):
+        channel_probs(cams, ids, 0, "model")

@@ -43,6 +43,47 @@ def cams_to_probs(cams: np.ndarray, alpha: float = 1.0, eps: float = 1e-5) -> np
     return scores / np.maximum(scores.sum(axis=0, keepdims=True), eps)
 
 
+def channel_probs(
+    cams: np.ndarray,
+    class_ids: np.ndarray,
+    background_index: int | None,
+    background: str = "power",
+    alpha: float = 1.0,
+    constant: float = 0.25,
+    model_probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The refiners' input (K, H, W) and the label id of each channel, from max-normalised CAMs
+    (C, H, W) of the present classes `class_ids`. `background`:
+      power     (1 - max cam)^alpha (psa, SEAM), then normalised per pixel;
+      constant  a constant score (a CAM threshold, IRN), then normalised per pixel;
+      model     `model_probs` (1 + C, H, W), the CAM network's own [background, classes]
+                probabilities (weakseg.models.inference.infer_class_probs), as they are.
+    Without a background class (NYUv2) only the present classes count: the CAMs (or the
+    model's class probabilities) normalised per pixel, uniform where all are 0."""
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    if background == "model":
+        if model_probs is None or model_probs.shape[0] != 1 + len(class_ids):
+            raise ValueError("background 'model' needs the [background, classes] probabilities of infer-cam")
+        if background_index is not None:
+            return model_probs, np.concatenate([[background_index], class_ids]).astype(np.int64)
+        cams = model_probs[1:]
+    elif background not in ("power", "constant"):
+        raise ValueError(f"background must be power, constant or model; got {background!r}")
+    elif background_index is not None:
+        ids = np.concatenate([[background_index], class_ids]).astype(np.int64)
+        if background == "power":
+            return cams_to_probs(cams, alpha), ids
+        cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+        scores = np.concatenate([np.full((1, *cams.shape[1:]), constant, np.float32), cams])
+        return scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5), ids
+    if cams.shape[0] == 0:
+        raise ValueError("an image with no class and no background class has nothing to label")
+    cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+    total = cams.sum(axis=0, keepdims=True)
+    probs = np.where(total > 1e-5, cams / np.maximum(total, 1e-5), 1.0 / cams.shape[0]).astype(np.float32)
+    return probs, class_ids
+
+
 def check_inputs(probs: np.ndarray, image: np.ndarray, who: str) -> None:
     """One clear error for the mistakes a caller can make."""
     if probs.ndim != 3 or probs.shape[0] < 1:

@@ -7,9 +7,10 @@ Writes:  OUT/probs/<id>.npz      `probs` (K, H, W) float16, `class_ids` (K,) the
          OUT/refined_metrics.json  argmax of the refined probabilities against the masks
          OUT/affinity/            the trained affinity network (method affinity_rw only)
 
-CAMs become probabilities with background (1 - max cam)^alpha (`weakseg.refine.base`); a
-dataset without a background class (NYUv2) uses the CAMs of the present classes normalised
-per pixel. `method: none` keeps those probabilities, so its metrics are the raw CAM argmax.
+CAMs become probabilities by `weakseg.refine.base.channel_probs`, with the background score
+`refine.background` picks (power, constant, or the CAM network's own probabilities); a
+dataset without a background class (NYUv2) uses its present classes normalised per pixel.
+`method: none` keeps those probabilities, so its metrics are their plain argmax.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.refine.base import cams_to_probs
+from weakseg.refine.base import channel_probs
 from weakseg.train.affinity import AffinityTrainConfig, train_affinity
 from weakseg.train.trainer import pick_device
 
@@ -76,34 +77,6 @@ def load_model_probs(path: Path) -> np.ndarray:
     (probs,) = read_arrays(path, ("probs",), "CAM file with the model's probabilities",
                            "refine.background: model needs infer-cam run with probabilities")
     return probs.astype(np.float32)
-
-
-def cams_to_channel_probs(
-    cams: np.ndarray, class_ids: np.ndarray, background_index: int | None, config: RefineConfig,
-    model_probs: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(K, H, W) probabilities and the label id of each channel."""
-    if config.background == "model":
-        if model_probs is None or model_probs.shape[0] != 1 + len(class_ids):
-            raise ValueError("refine.background: model needs the [background, classes] probabilities of infer-cam")
-        if background_index is not None:
-            return model_probs, np.concatenate([[background_index], class_ids]).astype(np.int64)
-        fg = model_probs[1:]  # no background class: the present classes, renormalised
-        return fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-12), class_ids
-    if background_index is not None:
-        ids = np.concatenate([[background_index], class_ids]).astype(np.int64)
-        if config.background == "power":
-            return cams_to_probs(cams, config.background_alpha), ids
-        scores = np.concatenate(
-            [np.full((1, *cams.shape[1:]), config.background_constant, np.float32), np.clip(cams, 0.0, 1.0)]
-        )
-        return scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5), ids
-    if cams.shape[0] == 0:
-        raise ValueError("an image with no class and no background class has nothing to label")
-    cams = np.clip(cams, 0.0, 1.0)
-    total = cams.sum(axis=0, keepdims=True)
-    probs = np.where(total > 1e-5, cams / np.maximum(total, 1e-5), 1.0 / cams.shape[0]).astype(np.float32)
-    return probs, class_ids
 
 
 def build_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step=None):
@@ -173,7 +146,10 @@ def run(
             raise DataError(cam_dir / "cams" / f"{sample.id}.npz", f"CAMs {cams.shape[1:]} do not match the image {sample.image.shape[:2]}")
         cam_path = cam_dir / "cams" / f"{sample.id}.npz"
         model_probs = load_model_probs(cam_path) if config.background == "model" else None
-        probs, channel_ids = cams_to_channel_probs(cams, class_ids, dataset.background_index, config, model_probs)
+        probs, channel_ids = channel_probs(
+            cams, class_ids, dataset.background_index, config.background, config.background_alpha,
+            config.background_constant, model_probs,
+        )
         if refiner is not None and probs.shape[0] > 1:  # one channel: nothing to decide
             probs = refiner(probs, sample.image)
         # Rounded to float16 here, as stored, so the metrics are those of the saved file.

@@ -35,8 +35,16 @@ from weakseg.refine.affinity import (
     pair_affinities,
     pair_labels,
 )
-from weakseg.train.cam import poly_lr
-from weakseg.train.trainer import TrainConfig, build_optimizer, pick_device, resume_from, save_checkpoint, schedule_length
+from weakseg.train.trainer import (
+    TrainConfig,
+    build_optimizer,
+    epoch_batches,
+    pick_device,
+    resume_from,
+    save_checkpoint,
+    schedule_length,
+    set_poly_lr,
+)
 
 
 @dataclass
@@ -128,21 +136,15 @@ def train_affinity(
         return image, label
 
     for epoch in range(start_epoch, config.epochs):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         model.train()
         running, seen = 0.0, 0
-        for step_in_epoch in range(steps_per_epoch):
-            idx = order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size].tolist()
-            if not idx:
-                break
+        for step_in_epoch, idx in enumerate(epoch_batches(len(dataset), config, epoch, steps_per_epoch)):
             images, label_maps = zip(*(item(i, epoch) for i in idx))
             if len({im.shape for im in images}) > 1:
                 raise ConfigError("train.augment.crop_size: images differ in size; set a crop size to batch them")
             batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)
             step = epoch * steps_per_epoch + step_in_epoch
-            lr = poly_lr(config.lr, step, total_steps, config.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_mult", 1.0)
+            set_poly_lr(optimizer, config, step, total_steps)
             features = model(model.input_norm(batch))
             grid = features.shape[-2:]
             codes = np.stack([pair_labels(resize_nearest(lab, *grid), config.radius) for lab in label_maps])

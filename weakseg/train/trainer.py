@@ -129,6 +129,22 @@ def schedule_length(num_samples: int, config: TrainConfig) -> tuple[int, int]:
     return steps_per_epoch, config.epochs * steps_per_epoch
 
 
+def epoch_batches(num_samples: int, config: TrainConfig, epoch: int, steps_per_epoch: int) -> list[list[int]]:
+    """The sample indices of each step of an epoch: a permutation seeded by (seed, epoch), so a
+    resumed run sees the same batches."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
+    batches = [order[i * config.batch_size : (i + 1) * config.batch_size] for i in range(steps_per_epoch)]
+    return [b for b in batches if b]
+
+
+def set_poly_lr(optimizer, config: TrainConfig, step: int, total_steps: int) -> float:
+    """Poly learning rate of `step`, scaled per parameter group by its `lr_mult`."""
+    lr = poly_lr(config.lr, step, total_steps, config.poly_power)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
 def resume_from(checkpoint_path: Path, model: torch.nn.Module, optimizer) -> dict | None:
     """Load model and optimiser state from a run's last per-epoch checkpoint, if there is one;
     returns the checkpoint (epoch, epoch_losses, ...) or None."""
@@ -234,20 +250,14 @@ def train(
     try:
         for epoch in range(start_epoch, config.epochs):
             data.epoch = epoch
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
             model.train()
             running, seen = 0.0, 0
-            for step_in_epoch in range(steps_per_epoch):
-                idx = order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size].tolist()
-                if not idx:
-                    break
+            for step_in_epoch, idx in enumerate(epoch_batches(len(data), config, epoch, steps_per_epoch)):
                 items = [data[i] for i in idx]
                 batch = {key: torch.stack([it[key] for it in items]).to(device) for key in items[0]}
                 batch["image"] = normalize(batch["rgb"], normaliser)
                 step = epoch * steps_per_epoch + step_in_epoch
-                lr = poly_lr(config.lr, step, total_steps, config.poly_power)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_mult", 1.0)
+                lr = set_poly_lr(optimizer, config, step, total_steps)
                 outputs = model(batch["image"])
                 values = [term(outputs, batch, background_channel) for term in terms]
                 total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
