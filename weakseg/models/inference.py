@@ -47,6 +47,58 @@ def _merge_flip(maps: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
+def infer_cams_and_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    class_indices: Sequence[int],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    background_channel: int | None = None,
+    output: str = "cams",
+    activation: str = "relu",
+    with_probs: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`infer_cams` and `infer_class_probs` of one image from the same forward passes."""
+    if activation not in ("relu", "sigmoid"):
+        raise ValueError(f"CAM activation must be 'relu' or 'sigmoid', got {activation!r}")
+    _, _, h, w = image.shape
+    idx = list(class_indices)
+    channels = [i + 1 if background_channel == 0 else i for i in idx] if background_channel is not None else idx
+    cams = torch.zeros(len(idx), h, w, device=image.device)
+    probs = torch.zeros(1 + len(idx), h, w, device=image.device) if with_probs else None
+    for scale in scales:
+        scores = model(_scale_and_flip(image, scale, flip))[output]
+        if idx:
+            if background_channel is not None:
+                maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
+            elif activation == "sigmoid":
+                maps = torch.sigmoid(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
+            else:
+                maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
+            cams += _merge_flip(maps, flip)
+        if probs is not None:
+            probs += _merge_flip(_class_probs(scores, idx, background_channel, (h, w)), flip)
+    cams /= cams.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
+    if probs is not None:
+        probs /= len(scales) * (2 if flip else 1)
+        probs = probs.cpu().numpy().astype(np.float32)
+    return cams.cpu().numpy().astype(np.float32), probs
+
+
+def _class_probs(scores: torch.Tensor, idx: list[int], background_channel: int | None, size) -> torch.Tensor:
+    """[background, present classes] probabilities of a batch of class scores at `size`
+    (see infer_class_probs)."""
+    scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+    if background_channel is not None:
+        keep = [background_channel] + [i + 1 if background_channel == 0 else i for i in idx]
+        probs = torch.softmax(scores, dim=1)[:, keep]
+    else:
+        fg = torch.sigmoid(scores[:, idx])
+        background = torch.exp(torch.log1p(-fg.clamp(max=1 - 1e-7)).sum(dim=1, keepdim=True))
+        probs = torch.cat([background, fg], dim=1)
+    return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def infer_cams(
     model: torch.nn.Module,
     image: torch.Tensor,
@@ -59,28 +111,11 @@ def infer_cams(
 ) -> np.ndarray:
     """CAMs of one normalised image (1, 3, H, W) for the given label-vector indices ->
     (len(class_indices), H, W) float32 in [0, 1)."""
-    _, _, h, w = image.shape
-    idx = list(class_indices)
-    if not idx:
-        return np.zeros((0, h, w), dtype=np.float32)
-    channels = [i + 1 if background_channel == 0 else i for i in idx] if background_channel is not None else idx
-    total = torch.zeros(len(idx), h, w, device=image.device)
-    for scale in scales:
-        scores = model(_scale_and_flip(image, scale, flip))[output]
-        if background_channel is not None:
-            maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
-        elif activation == "sigmoid":
-            maps = torch.sigmoid(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
-        elif activation != "relu":
-            raise ValueError(f"CAM activation must be 'relu' or 'sigmoid', got {activation!r}")
-        else:
-            maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
-        total += _merge_flip(maps, flip)
-    total /= total.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
-    return total.cpu().numpy().astype(np.float32)
+    return infer_cams_and_probs(
+        model, image, class_indices, scales, flip, background_channel, output, activation, with_probs=False
+    )[0]
 
 
-@torch.no_grad()
 def infer_class_probs(
     model: torch.nn.Module,
     image: torch.Tensor,
@@ -102,23 +137,7 @@ def infer_class_probs(
       prod_c (1 - b_c), the probability that no present class is there; then normalised.
     Logits are upsampled bilinearly before the activation; scales and flips are averaged.
     """
-    _, _, h, w = image.shape
-    idx = list(class_indices)
-    total = torch.zeros(1 + len(idx), h, w, device=image.device)
-    for scale in scales:
-        scores = model(_scale_and_flip(image, scale, flip))[output]
-        scores = F.interpolate(scores.float(), size=(h, w), mode="bilinear", align_corners=False)
-        if background_channel is not None:
-            keep = [background_channel] + [i + 1 if background_channel == 0 else i for i in idx]
-            probs = torch.softmax(scores, dim=1)[:, keep]
-        else:
-            fg = torch.sigmoid(scores[:, idx])
-            background = torch.exp(torch.log1p(-fg.clamp(max=1 - 1e-7)).sum(dim=1, keepdim=True))
-            probs = torch.cat([background, fg], dim=1)
-        probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        total += _merge_flip(probs, flip)
-    total /= len(scales) * (2 if flip else 1)
-    return total.cpu().numpy().astype(np.float32)
+    return infer_cams_and_probs(model, image, class_indices, scales, flip, background_channel, output)[1]
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from weakseg.errors import DataError
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import ModelConfig, build_model
-from weakseg.models.inference import infer_cams, infer_class_probs
+from weakseg.models.inference import infer_cams_and_probs
 from weakseg.train.trainer import load_model_file, pick_device
 
 
@@ -79,11 +79,13 @@ def run(
         image = images_to_tensor([sample.image], model.input_normalization).to(dev)
         indices = np.flatnonzero(sample.labels > 0.5).tolist()
         # Rounded to float16 here, as stored, so the sweep scores exactly the saved CAMs.
-        cams = infer_cams(model, image, indices, scales, flip, model.background_channel, activation=activation).astype(np.float16).astype(np.float32)
+        # With `with_probs`, also the model's own [background, classes] probabilities (for
+        # refinement), from the same forward passes.
+        cams, probs = infer_cams_and_probs(
+            model, image, indices, scales, flip, model.background_channel, activation=activation, with_probs=with_probs
+        )
+        cams = cams.astype(np.float16).astype(np.float32)
         class_ids = sample.present_class_ids
-        probs = None
-        if with_probs:  # the model's own [background, classes] probabilities, for refinement
-            probs = infer_class_probs(model, image, indices, scales, flip, model.background_channel)
         save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids, probs)
         cam_files.append((sample.id, class_ids))
         masks.append(sample.mask)
