@@ -702,3 +702,26 @@ def test_real_nyu_check_on_a_sample(nyu_root):
 def test_shared_configs(name, count, voc_root, nyu_root):
     dataset = dataset_from_file(REPO / "configs" / "data" / name)
     assert len(dataset) == count
+
+
+def test_with_absolute_paths_keeps_a_saved_config_runnable(tmp_path):
+    """A run folder saves its dataset config; relative to that folder the original relative
+    root would point nowhere, so the saved copy names it absolutely (and only the keys that
+    are relative to the config file: a folder layout's image_dir stays relative to root)."""
+    from weakseg.data import with_absolute_paths
+
+    root = make_folder_tree(tmp_path / "project" / "data", {"a": {"image": rgb(4, 4, seed=1), "mask": block_mask(4, 4, [0, 1])}})
+    config_dir = tmp_path / "project" / "configs"
+    config_dir.mkdir()
+    mapping = {"kind": "folder", "root": "../data", "image_dir": "images"}
+    saved = with_absolute_paths(mapping, config_dir)
+    assert saved == {"kind": "folder", "root": str(root.resolve()), "image_dir": "images"}
+    assert mapping["root"] == "../data"  # a copy
+    elsewhere = tmp_path / "project" / "runs" / "deep" / "run"
+    elsewhere.mkdir(parents=True)
+    assert build_dataset(saved, elsewhere).ids == build_dataset(mapping, config_dir).ids == ["a"]
+    coco = with_absolute_paths({"kind": "coco", "annotations": "ann.json", "image_dir": "img"}, config_dir)
+    assert coco["annotations"] == str((config_dir / "ann.json").resolve())
+    assert coco["image_dir"] == str((config_dir / "img").resolve())
+    synthetic = {"kind": "synthetic", "num_images": 4}
+    assert with_absolute_paths(synthetic, config_dir) == synthetic

@@ -153,6 +153,21 @@ def test_cli_run_and_bad_step_name(tmp_path):
     assert "nonsense" in str(result.exception) or "nonsense" in result.output
 
 
+def test_run_to_a_step_stops_there_and_continues_later(tmp_path):
+    config = write(tmp_path)
+    lines: list[str] = []
+    partial = pipeline.run(config, log=lines.append, to_step="refined")
+    assert [line.split(":")[0] for line in lines] == ["cam_train", "cam", "refined"]
+    assert set(partial["stages"]) == {"cam", "refined"} and "pseudo_labels" not in partial
+    assert not (tmp_path / "run" / "pseudo_labels").exists()
+    lines.clear()
+    full = pipeline.run(config, log=lines.append)  # the rest, nothing again
+    assert [line.split(":")[0] for line in lines if "running" in line] == ["pseudo_labels", "seg_train", "final"]
+    assert full["stages"]["refined"] == partial["stages"]["refined"]
+    with pytest.raises(Exception, match="comes before"):
+        pipeline.run(config, from_step="final", to_step="cam")
+
+
 @pytest.mark.parametrize("method", ["none", "crf", "spr", "affinity_rw"])
 def test_every_refiner_runs_in_the_pipeline(tmp_path, method):
     if method == "crf":

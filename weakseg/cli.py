@@ -131,6 +131,7 @@ def run_pipeline(
     config: Path = typer.Argument(..., help="Pipeline YAML: dataset, cam, refine, pseudo_labels, seg, out."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. seg.train.epochs=2"),
     from_step: Optional[str] = typer.Option(None, "--from", help="Re-run this step and all after it: cam_train, cam, refined, pseudo_labels, seg_train, final."),
+    to_step: Optional[str] = typer.Option(None, "--to", help="Stop after this step (e.g. --to refined to compare refiners); results.json then holds the stages so far."),
 ) -> None:
     """The whole pipeline: train CAM -> infer CAMs -> refine -> pseudo-labels -> train the
     segmentation network -> predict -> evaluate. Each step writes its own folder of OUT and is
@@ -149,7 +150,8 @@ def run_pipeline(
 
             return update
 
-        summary = pipeline.run(config, overrides or [], from_step, log=lambda m: console.print(m), progress=progress)
+        summary = pipeline.run(config, overrides or [], from_step, log=lambda m: console.print(m), progress=progress,
+                               to_step=to_step)
     table = Table(title=f"results ({summary['evaluated_on']})")
     for column in ("stage", "J", "F", "J&F", "boundary IoU"):
         table.add_column(column, justify="left" if column == "stage" else "right")

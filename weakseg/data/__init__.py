@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Mapping
 
-from weakseg.config import from_mapping, load_yaml
+from weakseg.config import from_mapping, load_yaml, resolve_path
 from weakseg.data.base import SegDataset, Sample
 from weakseg.errors import ConfigError
 
@@ -48,6 +48,18 @@ def build_dataset(
     return module.build(config, Path(base_dir) if base_dir is not None else None, strict)
 
 
+def with_absolute_paths(mapping: Mapping[str, Any], base_dir: str | Path | None) -> dict:
+    """A copy of a dataset mapping whose config-relative paths (the layout's PATH_KEYS) are
+    absolute, so a config saved into a run folder still finds its data from there."""
+    options = dict(mapping)
+    if base_dir is None or "kind" not in options:
+        return options
+    for key in layout_module(options["kind"]).PATH_KEYS:
+        if isinstance(options.get(key), str):
+            options[key] = str(resolve_path(options[key], base_dir).resolve())
+    return options
+
+
 def load_dataset_config(path: str | Path) -> dict:
     """A dataset config file holds the dataset keys at top level or under `dataset:`."""
     data = load_yaml(path)
@@ -60,4 +72,4 @@ def dataset_from_file(path: str | Path, strict: bool = True) -> SegDataset:
     return build_dataset(load_dataset_config(path), Path(path).parent, strict)
 
 
-__all__ = ["Sample", "SegDataset", "build_dataset", "dataset_from_file", "load_dataset_config", "LAYOUTS"]
+__all__ = ["Sample", "SegDataset", "build_dataset", "dataset_from_file", "load_dataset_config", "with_absolute_paths", "LAYOUTS"]

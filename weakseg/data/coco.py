@@ -34,6 +34,10 @@ from weakseg.errors import ConfigError, DataError
 MAX_CATEGORIES = 254  # ids 1..254; 0 is background and 255 void
 
 
+# Keys holding paths relative to the config file's folder (weakseg.data.with_absolute_paths).
+PATH_KEYS: tuple[str, ...] = ("annotations", "image_dir")
+
+
 @dataclass
 class Config:
     """Keys of the `coco` layout; both paths are relative to the config file's folder."""

@@ -32,6 +32,10 @@ DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff")
 MAX_CLASSES = 255  # id 255 is void, so real classes are 0..254
 
 
+# Keys holding paths relative to the config file's folder (weakseg.data.with_absolute_paths).
+PATH_KEYS: tuple[str, ...] = ("root",)
+
+
 @dataclass
 class Config:
     """Keys of the `folder` layout (see docs/datasets.md). Paths other than `root` are

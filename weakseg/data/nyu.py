@@ -62,6 +62,10 @@ NYU40_CLASSES = (
 DEPTH_SCALE = 1.0 / 25.5  # metres per stored 8-bit unit
 
 
+# Keys holding paths relative to the config file's folder (weakseg.data.with_absolute_paths).
+PATH_KEYS: tuple[str, ...] = ("root",)
+
+
 @dataclass
 class Config:
     """Keys of the `nyu` layout; everything else is fixed by the preset."""

@@ -25,6 +25,10 @@ from weakseg.data.base import SegDataset, labels_from_mask
 SHAPES = ("disc", "box", "triangle", "ring", "cross", "star", "crescent", "diamond")
 
 
+# Keys holding paths relative to the config file's folder (weakseg.data.with_absolute_paths).
+PATH_KEYS: tuple[str, ...] = ()
+
+
 @dataclass
 class Config:
     num_images: int = 300

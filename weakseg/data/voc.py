@@ -46,6 +46,10 @@ VOC_CLASSES = (
 MASK_DIRS = ("SegmentationClass", "SegmentationClassAug")
 
 
+# Keys holding paths relative to the config file's folder (weakseg.data.with_absolute_paths).
+PATH_KEYS: tuple[str, ...] = ("root",)
+
+
 @dataclass
 class Config:
     """Keys of the `voc` layout (see docs/datasets.md). `ids_file` and `labels_file` are

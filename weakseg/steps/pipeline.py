@@ -31,7 +31,7 @@ from typing import Any, Callable
 import yaml
 
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
-from weakseg.data import build_dataset
+from weakseg.data import build_dataset, with_absolute_paths
 from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
@@ -140,14 +140,24 @@ def run(
     overrides: list[str] | None = None,
     from_step: str | None = None,
     log: Callable[[str], None] = print,
+    to_step: str | None = None,
     progress: Callable[[str], Callable[[int, int], None] | None] = lambda step: None,
 ) -> dict:
     config, base_dir = load_config(config_path, overrides)
-    if from_step is not None and from_step not in STEPS:
-        raise ConfigError(f"--from: {from_step!r} is not a step; steps: {', '.join(STEPS)}")
+    for flag, step in (("--from", from_step), ("--to", to_step)):
+        if step is not None and step not in STEPS:
+            raise ConfigError(f"{flag}: {step!r} is not a step; steps: {', '.join(STEPS)}")
+    if from_step is not None and to_step is not None and STEPS.index(to_step) < STEPS.index(from_step):
+        raise ConfigError(f"--to {to_step} comes before --from {from_step}")
+    last = STEPS.index(to_step) if to_step is not None else len(STEPS) - 1
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    # The saved copy names its data by absolute paths, so it runs from the run folder too.
+    saved = to_dict(config)
+    saved["dataset"] = with_absolute_paths(config.dataset, base_dir)
+    if config.eval_dataset is not None:
+        saved["eval_dataset"] = with_absolute_paths(config.eval_dataset, base_dir)
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     dataset = build_dataset(config.dataset, base_dir)
     eval_dataset = dataset if config.eval_dataset is None else build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
     hashes = step_hashes(config, base_dir)
@@ -189,7 +199,7 @@ def run(
     actions = {"cam_train": cam_train, "cam": cam, "refined": refined, "pseudo_labels": labels,
                "seg_train": seg_train, "final": final}
     results, rerun_rest = {}, False
-    for step in STEPS:
+    for step in STEPS[: last + 1]:
         state = _StepState(folders[step], hashes[step])
         done = None if (rerun_rest or step in forced) else state.finished()
         if done is not None:
@@ -206,15 +216,19 @@ def run(
         results[step] = actions[step]()
         state.finish(results[step], time.perf_counter() - started)
 
+    # With --to, results.json holds the stages that ran so far.
     summary = {
         "stages": {
             stage: {k: results[step].get(k) for k in METRIC_KEYS if k in results[step]}
             for stage, step in (("cam", "cam"), ("refined", "refined"), ("pseudo_labels", "pseudo_labels"), ("final", "final"))
+            if step in results
         },
-        "pseudo_labels": {k: results["pseudo_labels"].get(k) for k in ("labelled_miou", "coverage", "confidence")},
-        "cam_threshold": results["cam"].get("best_threshold", results["cam"].get("threshold")),
         "evaluated_on": "training images" if config.eval_dataset is None else "eval_dataset",
-        "seconds": {step: json.loads((folders[step] / "done.json").read_text())["seconds"] for step in STEPS},
+        "seconds": {step: json.loads((folders[step] / "done.json").read_text())["seconds"] for step in results},
     }
+    if "cam" in results:
+        summary["cam_threshold"] = results["cam"].get("best_threshold", results["cam"].get("threshold"))
+    if "pseudo_labels" in results:
+        summary["pseudo_labels"] = {k: results["pseudo_labels"].get(k) for k in ("labelled_miou", "coverage", "confidence")}
     write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
-from weakseg.data import build_dataset
+from weakseg.data import build_dataset, with_absolute_paths
 from weakseg.data.io import atomic_path, write_text_atomic
 from weakseg.losses.terms import LossConfig
 from weakseg.models.factory import ModelConfig, build_model
@@ -67,7 +67,9 @@ def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dic
     """Train from a config object; dataset paths resolve against `base_dir`."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    saved = to_dict(config)
+    saved["dataset"] = with_absolute_paths(config.dataset, base_dir)  # runnable from OUT too
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     dataset = build_dataset(config.dataset, base_dir)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, len(dataset.foreground_ids))
