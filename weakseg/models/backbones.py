@@ -569,6 +569,11 @@ def load_weights(backbone: nn.Module, path: str | Path, *, allow_head_mismatch: 
     target = checkpoint_module(backbone)
     state = read_state_dict(path)
     own = target.state_dict()
+    # BatchNorm's step counter carries no weights (it only matters for momentum=None): files
+    # from PyTorch code have it, converted ones (ResNet-38d) do not; neither side must fail.
+    counter = "num_batches_tracked"
+    state = {k: v for k, v in state.items() if not (k.endswith(counter) and k not in own)}
+    own = {k: v for k, v in own.items() if not (k.endswith(counter) and k not in state)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -613,7 +618,7 @@ def save_weights(backbone: nn.Module, path: str | Path) -> Path:
 
 
 def available_backbones() -> list[str]:
-    return ["tiny_cnn", *_LITE_VARIANTS, *_TIMM_ALIASES, "timm:<any timm CNN with output_stride, or ViT>"]
+    return ["tiny_cnn", *_LITE_VARIANTS, "resnet38d", *_TIMM_ALIASES, "timm:<any timm CNN with output_stride, or ViT>"]
 
 
 def build_backbone(
@@ -652,6 +657,12 @@ def build_backbone(
                 "pass weights=PATH to a local .safetensors/.pth file"
             )
         backbone = TimmBackbone(timm_name, output_stride=output_stride or 16, **kwargs)
+    elif name == "resnet38d":  # wide ResNet-38 of psa/SEAM; weights=PATH: the converted MXNet ImageNet file
+        from weakseg.models.resnet38d import ResNet38d
+
+        if pretrained and weights is None:
+            raise ConfigError("resnet38d: pass weights=PATH to the converted ilsvrc-cls_rna-a1_cls1000_ep-0001 file")
+        backbone = ResNet38d(output_stride=output_stride or 8, **kwargs)
     else:
         raise ConfigError(f"backbone {name!r} is not available; available: {', '.join(available_backbones())}")
     if weights is not None:
