@@ -5,7 +5,12 @@ Config (`loss:` in a training YAML):
     classification: {kind: gap | gmp | isl_binomial | isl_multinomial, lam: ..., num_samples: ...}
     fsl:  {weight: 1.0, gate: r, mu: 2.5, sigma: 5.0, metric: l1, upsample: 1, ...}   # optional
     deal: {weight: 0.04, warmup_epochs: 3, ...}                                        # optional
+    seam: {er: 1.0, ecr: 1.0, min_pool: 1.0}     # SEAM's own terms (model.method: seam)
     reads: [cams]
+
+`reads` names the model outputs every term is applied to (averaged over them); a term's own
+`reads` overrides it. E.g. SEAM: classification reads [cams, cams_scaled] (both siamese
+branches), DEAL [cams, cams_pcm] (deal eq. 15); WeakTr: [cams_coarse, cams_fine] (deal eq. 13-14).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from weakseg.losses.classification import multilabel_soft_margin
 from weakseg.losses.segmentation import segmentation_ce
 from weakseg.losses.base import LossTerm, foreground_channels as _foreground
 from weakseg.losses import isl as isl_lib
+from weakseg.losses.seam import SEAMLossConfig, build_seam_terms
 
 
 @dataclass
@@ -30,6 +36,7 @@ class ClassificationConfig:
     lam: float | None = None  # None: the paper default (0.2 binomial, 0.8 multinomial)
     num_samples: int | None = None  # None: 10 binomial (hfpl), 100 multinomial (icam)
     weight: float = 1.0
+    reads: list[str] | None = None  # None: loss.reads
 
 
 @dataclass
@@ -43,6 +50,7 @@ class FSLConfig:
     radius: int | None = None
     upsample: int = 1
     learnable: bool = False
+    reads: list[str] | None = None  # None: loss.reads
 
 
 @dataclass
@@ -52,6 +60,7 @@ class DEALConfig:
     mu: float = 2.5
     cam_norm: Literal["none", "max", "sigmoid"] = "none"
     size: list[int] | None = None  # H' x W' of deal eq. 1-2; None: the largest CAM grid read
+    reads: list[str] | None = None  # None: loss.reads
 
 
 @dataclass
@@ -59,6 +68,7 @@ class LossConfig:
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     fsl: FSLConfig | None = None
     deal: DEALConfig | None = None
+    seam: SEAMLossConfig | None = None
     reads: list[str] = field(default_factory=lambda: ["cams"])
 
 
@@ -119,9 +129,9 @@ class FSLTerm(LossTerm):
 
 
 def build_terms(config: LossConfig, generator: torch.Generator | None = None) -> list[LossTerm]:
-    terms: list[LossTerm] = [ClassificationTerm(config.classification, config.reads, generator)]
+    terms: list[LossTerm] = [ClassificationTerm(config.classification, config.classification.reads or config.reads, generator)]
     if config.fsl is not None:
-        terms.append(FSLTerm(config.fsl, config.reads))
+        terms.append(FSLTerm(config.fsl, config.fsl.reads or config.reads))
     if config.deal is not None:
         from weakseg.losses.deal import DEALTerm
 
@@ -130,12 +140,14 @@ def build_terms(config: LossConfig, generator: torch.Generator | None = None) ->
             DEALTerm(
                 weight=deal.weight,
                 warmup_epochs=deal.warmup_epochs,
-                reads=config.reads,
+                reads=deal.reads or config.reads,
                 mu=deal.mu,
                 cam_norm=deal.cam_norm,
                 size=tuple(deal.size) if deal.size else None,
             )
         )
+    if config.seam is not None:
+        terms += build_seam_terms(config.seam)  # they read SEAMNet's outputs by name
     return terms
 
 

@@ -5,22 +5,57 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import importlib
+import inspect
+
 from weakseg.errors import ConfigError
-from weakseg.models.methods.cam import CAMNet
+
+# model.method -> (module, class) of the CAM method; each file is readable alone.
+METHODS = {
+    "cam": ("weakseg.models.methods.cam", "CAMNet"),  # plain CAM (GAP/GMP, ISL, ...)
+    "seam": ("weakseg.models.methods.seam", "SEAMNet"),  # siamese + PCM (Wang et al. 2020)
+    "vit_cam": ("weakseg.models.methods.vit_cam", "ViTCAMNet"),  # WeakTr-style coarse/fine CAMs
+}
 
 
 @dataclass
 class ModelConfig:
-    method: Literal["cam"] = "cam"
+    method: Literal["cam", "seam", "vit_cam"] = "cam"
     backbone: str = "tiny_cnn"
-    background_channel: bool = False  # C+1 outputs, channel 0 background (multinomial ISL)
+    background_channel: bool = False  # C+1 outputs, channel 0 background (multinomial ISL; cam only)
     backbone_args: dict[str, Any] = field(default_factory=dict)  # e.g. pretrained, weights, output_stride
+    # Options of the method's own class (see its docstring), e.g. seam: {scale: 0.3, pcm_dim:
+    # 192, dropout: 0.5}; vit_cam: {class_tokens: false, reduction: 8, pool: max, detach: true}.
+    method_args: dict[str, Any] = field(default_factory=dict)
 
 
-def build_model(model: ModelConfig, num_classes: int) -> CAMNet:
-    if model.method != "cam":
-        raise ConfigError(f"model.method: {model.method!r} is not available yet; allowed values: cam")
-    return CAMNet(num_classes, model.backbone, model.background_channel, **model.backbone_args)
+def method_class(method: str):
+    if method not in METHODS:
+        raise ConfigError(f"model.method: {method!r} is not allowed; allowed values: {', '.join(METHODS)}")
+    module, name = METHODS[method]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(model: ModelConfig, num_classes: int):
+    cls = method_class(model.method)
+    if model.method == "cam":
+        if model.method_args:
+            raise ConfigError(f"model.method_args: the plain CAM method takes none, got {sorted(model.method_args)}")
+        return cls(num_classes, model.backbone, model.background_channel, **model.backbone_args)
+    if model.background_channel:
+        raise ConfigError(f"model.background_channel: only the cam method has one (multinomial ISL); "
+                          f"{model.method} models the background as 1 - max of its class maps")
+    # The method's own options, checked against its signature so a typo is one clear error
+    # rather than a backbone complaint.
+    allowed = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+               if name not in ("self", "num_classes", "backbone") and p.kind is not p.VAR_KEYWORD]
+    unknown = sorted(set(model.method_args) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.method_args: {unknown} not allowed for {model.method}; allowed keys: {', '.join(allowed)}")
+    clash = sorted(set(model.method_args) & set(model.backbone_args))
+    if clash:
+        raise ConfigError(f"model: {clash} given in both method_args and backbone_args")
+    return cls(num_classes, model.backbone, **model.method_args, **model.backbone_args)
 
 
 @dataclass

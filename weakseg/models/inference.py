@@ -46,6 +46,30 @@ def _merge_flip(maps: torch.Tensor, flip: bool) -> torch.Tensor:
     return maps[0] + maps[1].flip(-1) if flip else maps[0]
 
 
+def input_multiple(model: torch.nn.Module) -> int:
+    """The side length every input must be a multiple of: a ViT's patch stride (its token grid
+    must tile the image), 1 for CNNs (they take any size)."""
+    backbone = getattr(model, "backbone", None)
+    return int(backbone.output_stride) if getattr(backbone, "is_vit", False) else 1
+
+
+def _forward_padded(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """model(batch) for any input size: when the model needs a multiple of its stride, the
+    batch is edge-padded at the bottom/right, and every map output is upsampled to the padded
+    size and cropped back, so it covers exactly the input (a map the caller then resizes)."""
+    multiple = input_multiple(model)
+    h, w = batch.shape[-2:]
+    if multiple == 1 or (h % multiple == 0 and w % multiple == 0):
+        return model(batch)
+    padded = F.pad(batch, (0, -w % multiple, 0, -h % multiple), mode="replicate")
+    outputs = model(padded)
+    size = padded.shape[-2:]
+    return {
+        key: F.interpolate(value, size=size, mode="bilinear", align_corners=False)[..., :h, :w] if value.ndim == 4 else value
+        for key, value in outputs.items()
+    }
+
+
 @torch.no_grad()
 def infer_cams_and_probs(
     model: torch.nn.Module,
@@ -57,8 +81,12 @@ def infer_cams_and_probs(
     output: str = "cams",
     activation: str = "relu",
     with_probs: bool = True,
+    probs_output: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """`infer_cams` and `infer_class_probs` of one image from the same forward passes."""
+    """`infer_cams` and `infer_class_probs` of one image from the same forward passes.
+    `output` is the map the CAMs come from (a method's `inference_output`, e.g. SEAM's
+    PCM-revised CAM); `probs_output` the raw class scores the probabilities come from (a
+    method's `score_output`; default: `output`)."""
     if activation not in ("relu", "sigmoid"):
         raise ValueError(f"CAM activation must be 'relu' or 'sigmoid', got {activation!r}")
     _, _, h, w = image.shape
@@ -67,7 +95,8 @@ def infer_cams_and_probs(
     cams = torch.zeros(len(idx), h, w, device=image.device)
     probs = torch.zeros(1 + len(idx), h, w, device=image.device) if with_probs else None
     for scale in scales:
-        scores = model(_scale_and_flip(image, scale, flip))[output]
+        outputs = _forward_padded(model, _scale_and_flip(image, scale, flip))
+        scores = outputs[output]
         if idx:
             if background_channel is not None:
                 maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
@@ -77,7 +106,7 @@ def infer_cams_and_probs(
                 maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
             cams += _merge_flip(maps, flip)
         if probs is not None:
-            probs += _merge_flip(_class_probs(scores, idx, background_channel, (h, w)), flip)
+            probs += _merge_flip(_class_probs(outputs[probs_output or output], idx, background_channel, (h, w)), flip)
     cams /= cams.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
     if probs is not None:
         probs /= len(scales) * (2 if flip else 1)
@@ -164,7 +193,7 @@ def predict_probs(
     normalised = normalize(rgb.unsqueeze(0), getattr(model, "input_normalization", None))
     total = None
     for scale in scales:
-        logits = model(_scale_and_flip(normalised, scale, flip))[output]
+        logits = _forward_padded(model, _scale_and_flip(normalised, scale, flip))[output]
         probs = torch.softmax(F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False), dim=1)
         merged = _merge_flip(probs, flip)
         total = merged if total is None else total + merged

@@ -82,7 +82,9 @@ def run(
         # With `with_probs`, also the model's own [background, classes] probabilities (for
         # refinement), from the same forward passes.
         cams, probs = infer_cams_and_probs(
-            model, image, indices, scales, flip, model.background_channel, activation=activation, with_probs=with_probs
+            model, image, indices, scales, flip, model.background_channel, activation=activation,
+            with_probs=with_probs, output=getattr(model, "inference_output", "cams"),
+            probs_output=getattr(model, "score_output", "cams"),
         )
         cams = cams.astype(np.float16).astype(np.float32)
         class_ids = sample.present_class_ids

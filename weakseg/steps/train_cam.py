@@ -19,9 +19,9 @@ import yaml
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
 from weakseg.data import build_dataset, with_absolute_paths
 from weakseg.data.io import atomic_path, write_text_atomic
+from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
 from weakseg.models.factory import ModelConfig, build_model
-from weakseg.models.methods.cam import CAMNet
 from weakseg.train.trainer import TrainConfig, train
 
 
@@ -47,7 +47,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     return from_mapping(CAMRunConfig, data), Path(path).resolve().parent
 
 
-def save_cam_model(path: Path, model: CAMNet, model_config: ModelConfig, dataset) -> None:
+def save_cam_model(path: Path, model: torch.nn.Module, model_config: ModelConfig, dataset) -> None:
     state = {
         "model": model.state_dict(),
         "model_config": to_dict(model_config),
@@ -70,6 +70,10 @@ def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dic
     saved = to_dict(config)
     saved["dataset"] = with_absolute_paths(config.dataset, base_dir)  # runnable from OUT too
     write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    if config.model.method == "seam" and config.loss.seam is None:
+        # Without them the PCM is never trained, and inference reads the PCM-revised CAM.
+        raise ConfigError("model.method: seam needs loss.seam, SEAM's equivariance terms "
+                          "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
     dataset = build_dataset(config.dataset, base_dir)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, len(dataset.foreground_ids))

@@ -14,6 +14,9 @@ from weakseg.models.heads import CAMHead
 
 
 class CAMNet(nn.Module):
+    inference_output = "cams"  # what CAM inference reads
+    score_output = "cams"  # raw class scores (logit-like): the model's probabilities
+
     def __init__(self, num_classes: int, backbone: str = "tiny_cnn", background_channel: bool = False, **backbone_kwargs):
         super().__init__()
         self.backbone = build_backbone(backbone, **backbone_kwargs)
