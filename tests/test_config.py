@@ -61,3 +61,32 @@ def test_yaml_is_safe_loaded(tmp_path):
         load_yaml(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_yaml(tmp_path / "nope.yaml")
+
+
+def test_base_files_merge_and_loops_are_refused(tmp_path):
+    (tmp_path / "paper.yaml").write_text(
+        "model: {method: seam, backbone: resnet38d, backbone_args: {output_stride: 8}}\n"
+        "loss: {classification: {kind: gap}, fsl: {weight: 1.0}, seam: {}}\n"
+        "train: {epochs: 8, lr: 0.01}\n"
+    )
+    (tmp_path / "cpu.yaml").write_text(
+        "base: paper.yaml\n"
+        "model: {backbone: efficientnet_lite0, backbone_args: {pretrained: true}}\n"
+        "loss: {fsl: null}\n"
+        "train: {epochs: 4}\n"
+    )
+    data = load_yaml(tmp_path / "cpu.yaml")
+    assert data == {
+        "model": {"method": "seam", "backbone": "efficientnet_lite0",
+                  "backbone_args": {"output_stride": 8, "pretrained": True}},  # mappings merge
+        "loss": {"classification": {"kind": "gap"}, "seam": {}},  # null removes the key
+        "train": {"epochs": 4, "lr": 0.01},
+    }
+    assert load_yaml(tmp_path / "paper.yaml")["train"]["epochs"] == 8  # the base is untouched
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nx: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ny: 2\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_yaml(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_yaml(tmp_path / "c.yaml")

@@ -20,8 +20,15 @@ from weakseg.errors import ConfigError
 T = TypeVar("T")
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Safe-load a YAML mapping (no Python object tags are ever constructed)."""
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Safe-load a YAML mapping (no Python object tags are ever constructed).
+
+    A top-level ``base: other.yaml`` (relative to this file) loads that file first and lays
+    this one over it, mappings merged key by key, anything else replaced; ``key: null`` removes
+    the key, so its default applies (``fsl: null`` drops an add-on, ``freeze_stem: null`` a
+    backbone option the base sets). Relative paths inside either file still
+    resolve against the folder of the file named on the command line, so keep bases beside
+    the files that use them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
@@ -33,7 +40,30 @@ def load_yaml(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys to values")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: must name a YAML file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*_chain, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"{path}: base: {base} leads back to {base_path} (a loop)")
+    return merge_mappings(load_yaml(base_path, chain), data)
+
+
+def merge_mappings(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: nested mappings merged, other values (lists, scalars) replaced,
+    a key set to null in `over` removed. Neither input is changed."""
+    result = _deep_copy(base)
+    for key, value in over.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge_mappings(result[key], value)
+        else:
+            result[key] = _deep_copy(value)
+    return result
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
