@@ -36,11 +36,24 @@ RECIPES = {
         "+FSL": ("voc_cam_gap.yaml", ["loss.fsl={upsample: 4}"]),
         "+ISL/FSL binomial (hfpl)": ("voc_cam_hfpl.yaml", []),
         "+ISL/FSL multinomial (icam)": ("voc_cam_icam.yaml", []),
+        # Base methods of issue 5 (VOC has no depth here, so no DEAL rows on VOC).
+        "SEAM": ("seam_voc_cpu.yaml", []),
+        "SEAM +ISL/FSL": ("seam_voc_cpu_isl_fsl.yaml", []),
+        "ViT CAM (random init)": ("vit_voc_cpu.yaml", []),
+        "ViT CAM (random init) +ISL/FSL": ("vit_voc_cpu_isl_fsl.yaml", []),
     },
     "nyu": {
         "baseline GAP": ("nyu_cam_gap.yaml", []),
         "+DEAL": ("nyu_cam_deal.yaml", []),
         "+DEAL +ISL/FSL": ("nyu_cam_deal_isl_fsl.yaml", []),
+        "SEAM": ("seam_nyu_cpu.yaml", []),
+        "SEAM +ISL/FSL": ("seam_nyu_cpu_isl_fsl.yaml", []),
+        "SEAM +DEAL": ("seam_nyu_cpu_deal.yaml", []),
+        "SEAM +DEAL +ISL/FSL": ("seam_nyu_cpu_deal_isl_fsl.yaml", []),
+        "ViT CAM (random init)": ("vit_nyu_cpu.yaml", []),
+        "ViT CAM (random init) +ISL/FSL": ("vit_nyu_cpu_isl_fsl.yaml", []),
+        "ViT CAM (random init) +DEAL": ("vit_nyu_cpu_deal.yaml", []),
+        "ViT CAM (random init) +DEAL +ISL/FSL": ("vit_nyu_cpu_deal_isl_fsl.yaml", []),
     },
 }
 
@@ -114,9 +127,12 @@ def main() -> None:
             f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {name: [{k: r.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
-                      for r in runs] for name, runs in results.items()}
-    (args.out / f"{args.dataset}_summary.json").write_text(json.dumps(summary, indent=2))
+    # Rows of earlier invocations (e.g. other --only sets) are kept; this one's replace theirs.
+    summary_path = args.out / f"{args.dataset}_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.update({name: [{k: r.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
+                           for r in runs] for name, runs in results.items()})
+    summary_path.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

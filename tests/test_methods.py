@@ -209,3 +209,20 @@ def test_cli_train_cam_and_infer_cam(tmp_path, method, addon):
     with np.load(files[0]) as arrays:
         cams = arrays["cams"]
         assert cams.shape[1:] == (40, 40) and np.isfinite(cams).all() and 0 <= cams.min() and cams.max() <= 1
+
+
+def test_vit_class_tokens_get_their_own_loss_through_per_term_reads():
+    """WeakTr's class tokens: the classification term also reads the 1x1 token map, while FSL
+    keeps to the two CAMs (FSL on a 1x1 map would be meaningless)."""
+    spec = METHODS["vit_cam"]["model"]
+    model = build_model(from_mapping(ModelConfig, dict(spec, method_args={"reduction": 2, "class_tokens": True}),
+                                     "model"), NUM_CLASSES).train()
+    loss = {"classification": {"kind": "gap", "reads": ["cams_coarse", "cams_fine", "token_scores"]},
+            "fsl": {"gate": "r"}, "reads": ["cams_coarse", "cams_fine"]}
+    terms = build_terms(from_mapping(LossConfig, loss, "loss"))
+    assert [t.reads for t in terms] == [("cams_coarse", "cams_fine", "token_scores"), ("cams_coarse", "cams_fine")]
+    batch = make_batch(2)
+    outputs = model(batch["image"])
+    cls = terms[0](outputs, batch, None)
+    (grad,) = torch.autograd.grad(cls, model.class_tokens)
+    assert grad.abs().sum() > 0
