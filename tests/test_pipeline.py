@@ -336,3 +336,26 @@ def test_channel_probs_by_hand():
     assert channels.tolist() == [3, 7]
     with pytest.raises(ValueError, match="model"):
         channel_probs(cams, ids, 0, "model")
+
+
+def test_step_hashes_ignore_unset_optional_keys_but_not_set_ones():
+    """A finished run must not be invalidated by a release that adds an optional key (left
+    null), while any key that is set still changes the hash of its step and those after."""
+    from pathlib import Path
+
+    from weakseg.config import from_mapping
+
+    tmp_base = Path("/base")
+    config = from_mapping(pipeline.PipelineConfig, json.loads(json.dumps(SMALL)))
+    hashes = pipeline.step_hashes(config, tmp_base)
+    # An unset optional key: the same hashes as a config without that key at all.
+    assert config.cam.loss.fsl is None and config.cam.loss.classification.reads is None
+    with_null = from_mapping(pipeline.PipelineConfig, dict(json.loads(json.dumps(SMALL)), out="runs/x"))
+    assert pipeline.step_hashes(with_null, tmp_base) == hashes  # `out` is not part of any step
+    section = pipeline._without_nulls({"a": None, "b": {"c": None, "d": 1}, "e": [{"f": None}]})
+    assert section == {"b": {"d": 1}, "e": [{}]}
+    # A key that is set changes cam_train and everything after it.
+    changed = from_mapping(pipeline.PipelineConfig, json.loads(json.dumps(SMALL)))
+    changed.cam.loss.classification.reads = ["cams"]
+    new = pipeline.step_hashes(changed, tmp_base)
+    assert all(new[step] != hashes[step] for step in pipeline.STEPS)

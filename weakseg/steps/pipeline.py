@@ -80,8 +80,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[P
     return from_mapping(PipelineConfig, data), Path(path).resolve().parent
 
 
+def _without_nulls(value: Any) -> Any:
+    """Mappings without their null-valued keys, recursively. An optional key left unset (null)
+    then does not enter a step's hash, so a release that adds an optional config key (e.g. a
+    loss term's own `reads`) does not invalidate the finished steps of existing runs."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _hash(previous: str, section: Any) -> str:
-    text = json.dumps(section, sort_keys=True, default=str)
+    text = json.dumps(_without_nulls(section), sort_keys=True, default=str)
     return hashlib.sha256((previous + "\n" + text).encode()).hexdigest()[:16]
 
 
