@@ -12,6 +12,17 @@ VOC_ROOT = SHARED_DATA / "VOCdevkit" / "VOC2012"
 NYU_ROOT = SHARED_DATA / "nyu-depth-v2"
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests (results do not depend on the machine's cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def voc_root() -> Path:
     if not (VOC_ROOT / "SegmentationClass").is_dir():

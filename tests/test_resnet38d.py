@@ -21,12 +21,7 @@ from weakseg.models.resnet38d import ResNet38d
 SMALL = 16  # width divisor for the file round trips
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

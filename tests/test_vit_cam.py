@@ -21,12 +21,7 @@ pytestmark = pytest.mark.skipif(
 TINY = dict(depth=2, embed_dim=48, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(num_classes: int = 3, seed: int = 0, **kwargs):

@@ -200,6 +200,17 @@ class _SameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def init_conv_bn(module: nn.Module) -> None:
+    """Random initialisation of a backbone without ImageNet weights: Kaiming-normal (fan out)
+    convolutions, BatchNorm scale 1 and shift 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=_BN_EPS, momentum=_BN_MOMENTUM)
 
@@ -324,13 +335,9 @@ class EfficientNetLite(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        init_conv_bn(self)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 bound = 1.0 / math.sqrt(m.out_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.errors import ConfigError
-from weakseg.models.backbones import IMAGENET_NORM
+from weakseg.models.backbones import IMAGENET_NORM, init_conv_bn
 
 # Stage widths: (unit name prefix, units, in channels of the first unit, mid, out).
 _PLAIN_STAGES = (
@@ -236,12 +236,7 @@ class ResNet38d(nn.Module):
         self._apply_freezing()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def _apply_freezing(self) -> None:
         if self.freeze_stem:
