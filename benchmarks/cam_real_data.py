@@ -4,6 +4,11 @@ mean +- std over seeds, every row trained with the same CPU-sized schedule.
 
     python benchmarks/cam_real_data.py --dataset voc --seeds 0 1 2 [--out runs/bench_cam] [--only NAME ...]
     python benchmarks/cam_real_data.py --dataset nyu --seeds 0 1 2 [--threads 1] [--reuse]
+    python benchmarks/cam_real_data.py --dataset voc --train-data TRAIN.yaml --eval-data HELD_BACK.yaml
+
+`--train-data` / `--eval-data` (dataset config files) train every row on other images and
+score the CAMs on held-back ones; the background threshold is still swept on the scored
+images' masks, as for the training-set rows.
 
 Each recipe is a config in configs/ (plus the overrides listed in RECIPES below), trained
 with `weakseg train-cam` and evaluated with `weakseg infer-cam` at the config's inference
@@ -21,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+from weakseg.data import load_dataset_config, with_absolute_paths
 from weakseg.steps import infer_cam, train_cam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +68,16 @@ RECIPES = {
 SCHEDULE = {"voc": [], "nyu": ["train.epochs=2"]}
 
 
-def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, reuse: bool = False) -> dict:
+def dataset_override(path: Path) -> str:
+    """`dataset={...}` replacing a recipe's training data by a dataset config file's (its
+    relative paths made absolute, since the recipe resolves paths from configs/)."""
+    return "dataset=" + json.dumps(with_absolute_paths(load_dataset_config(path), path.resolve().parent))
+
+
+def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, reuse: bool = False,
+            train_data: Path | None = None, eval_data: Path | None = None) -> dict:
     config_file, overrides = recipe
-    overrides = SCHEDULE[dataset] + overrides
+    overrides = SCHEDULE[dataset] + overrides + ([dataset_override(train_data)] if train_data else [])
     record = out / f"seed{seed}" / "bench_metrics.json"
     if reuse and record.is_file():
         return json.loads(record.read_text())
@@ -72,7 +85,7 @@ def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, r
     run_dir = out / f"seed{seed}"
     started = time.perf_counter()
     trained = train_cam.run(ROOT / "configs" / config_file, overrides + [f"train.seed={seed}", f"out={run_dir}"])
-    metrics = infer_cam.run(trained["cam_model"], DATA[dataset], run_dir / "infer", scales=config.infer.scales,
+    metrics = infer_cam.run(trained["cam_model"], eval_data or DATA[dataset], run_dir / "infer", scales=config.infer.scales,
                             flip=config.infer.flip)
     metrics["seconds"] = time.perf_counter() - started
     metrics["final_loss"] = trained["epoch_losses"][-1]
@@ -95,6 +108,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="Run only these recipe names.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reuse", action="store_true", help="reuse bench_metrics.json of finished runs")
+    parser.add_argument("--train-data", type=Path, default=None,
+                        help="dataset config to train every row on instead of the recipe's (e.g. a split)")
+    parser.add_argument("--eval-data", type=Path, default=None,
+                        help="dataset config to score the CAMs on (held-back images) instead of the training data")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -108,7 +125,8 @@ def main() -> None:
         slug = name.replace(" ", "_").replace("/", "-").replace("+", "p").replace("(", "").replace(")", "")
         results[name] = []
         for seed in args.seeds:
-            metrics = run_one(args.dataset, recipe, seed, args.out / args.dataset / slug, args.reuse)
+            metrics = run_one(args.dataset, recipe, seed, args.out / args.dataset / slug, args.reuse,
+                              args.train_data, args.eval_data)
             results[name].append(metrics)
             print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
                   f"({metrics['seconds']:.0f} s)", flush=True)
