@@ -209,6 +209,15 @@ def test_cli_train_cam_and_infer_cam(tmp_path, method, addon):
     with np.load(files[0]) as arrays:
         cams = arrays["cams"]
         assert cams.shape[1:] == (40, 40) and np.isfinite(cams).all() and 0 <= cams.min() and cams.max() <= 1
+    if addon == "none":  # --output picks another map (e.g. SEAM's raw CAM); an unknown one is one clear error
+        base = ["infer-cam", "--checkpoint", str(tmp_path / "run" / "cam_model.pt"), "--data", str(data), "--scales", "1.0"]
+        result = runner.invoke(app, base + ["--out", str(tmp_path / "raw"), "--output", "cams"])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        with np.load(tmp_path / "raw" / "cams" / files[0].name) as arrays:
+            same = np.array_equal(arrays["cams"], cams)
+        assert same == (make_model(method).inference_output == "cams")
+        result = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--output", "nope"])
+        assert result.exit_code != 0 and "nope" in (result.output + str(result.exception))
 
 
 def test_vit_class_tokens_get_their_own_loss_through_per_term_reads():

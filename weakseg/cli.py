@@ -104,6 +104,7 @@ def infer_cam(
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Add horizontally flipped inputs."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Background threshold when the dataset has no masks (default 0.25)."),
     activation: str = typer.Option("relu", "--activation", help="relu (CAM convention) or sigmoid (binomial posterior) on the class scores."),
+    output: Optional[str] = typer.Option(None, "--output", help="Model output to read (default: the method's inference_output, e.g. SEAM's cams_pcm; cams for SEAM's raw CAM)."),
 ) -> None:
     """Multi-scale + flip CAMs for every image, pseudo-labels at the best background threshold,
     and CAM metrics (J, F, J&F, best threshold) when the dataset has masks."""
@@ -116,7 +117,8 @@ def infer_cam(
     with progress_bar() as bars:
         task = bars.add_task("infer CAMs", total=None)
         result = step.run(checkpoint, data, out, scale_values, flip, threshold,
-                          on_image=lambda i, n: bars.update(task, completed=i, total=n), activation=activation)
+                          on_image=lambda i, n: bars.update(task, completed=i, total=n), activation=activation,
+                          output=output)
     if "miou" in result:
         out_console.print(
             f"CAM: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.data.tensor import normalize
+from weakseg.errors import ConfigError
 
 
 def _scale_and_flip(image: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:
@@ -96,6 +97,9 @@ def infer_cams_and_probs(
     probs = torch.zeros(1 + len(idx), h, w, device=image.device) if with_probs else None
     for scale in scales:
         outputs = _forward_padded(model, _scale_and_flip(image, scale, flip))
+        for name in (output, probs_output or output):
+            if name not in outputs:
+                raise ConfigError(f"CAM output {name!r}: the model has none; its outputs are {sorted(outputs)}")
         scores = outputs[output]
         if idx:
             if background_channel is not None:

@@ -62,6 +62,7 @@ def run(
     on_image=None,
     activation: str = "relu",
     with_probs: bool = False,
+    output: str | None = None,
 ) -> dict:
     out = Path(out_dir)
     dev = pick_device(device)
@@ -83,7 +84,7 @@ def run(
         # refinement), from the same forward passes.
         cams, probs = infer_cams_and_probs(
             model, image, indices, scales, flip, model.background_channel, activation=activation,
-            with_probs=with_probs, output=getattr(model, "inference_output", "cams"),
+            with_probs=with_probs, output=output or getattr(model, "inference_output", "cams"),
             probs_output=getattr(model, "score_output", "cams"),
         )
         cams = cams.astype(np.float16).astype(np.float32)
