@@ -25,24 +25,21 @@ import torch
 from weakseg.config import parse_override
 from weakseg.data import build_dataset
 from weakseg.data.io import write_label_png
-from weakseg.data.transforms import resize_nearest
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.refine.affinity import (
     AFFINITY_ALPHA_PRESETS,
     IGNORE,
-    PAIR_BG_POS,
-    PAIR_FG_POS,
-    PAIR_NEG,
     AffinityNet,
     RandomWalk,
     image_features,
     pair_affinities,
-    pair_labels,
 )
 from weakseg.refine.base import channel_probs
 from weakseg.steps.pipeline import load_config
 from weakseg.steps.refine import load_cams, load_model_probs
 from weakseg.train.affinity import AffinityLabels, train_affinity
+
+from refine_diagnosis import add_pair_stats, mask_pair_labels  # the same pair statistics (benchmarks/)
 
 
 def write_mask_labels(dataset, cache_dir: Path) -> None:
@@ -101,14 +98,8 @@ def main() -> None:
         with torch.no_grad():
             features = image_features(model, sample.image)
             aff = pair_affinities(features[None], train_config.radius)[0].numpy()
-        s = model.output_stride
-        pad = ((0, -sample.mask.shape[0] % s), (0, -sample.mask.shape[1] % s))
-        gt = np.pad(sample.mask, pad, mode="edge").astype(np.int64)
-        gt = np.where(gt == 255, IGNORE, np.where(gt == bg, 0, gt + 1000))  # classes non-zero, not 255
-        codes = pair_labels(resize_nearest(gt, *features.shape[-2:]), train_config.radius)
-        for row, code in enumerate((PAIR_BG_POS, PAIR_FG_POS, PAIR_NEG)):
-            sel = codes == code
-            stats[row] += [sel.sum(), aff[sel].sum(), (aff[sel] ** stage.beta).sum()]
+        add_pair_stats(stats, aff, mask_pair_labels(sample.mask, bg), model.output_stride, train_config.radius,
+                       stage.beta)
         path = args.run / "cam" / "cams" / f"{sample.id}.npz"
         cams, class_ids = load_cams(path)
         model_probs = load_model_probs(path) if config.refine.background == "model" else None

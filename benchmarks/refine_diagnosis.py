@@ -44,6 +44,25 @@ from weakseg.steps.pipeline import load_config
 from weakseg.steps.refine import load_cams, load_model_probs
 
 
+def mask_pair_labels(mask: np.ndarray, background_index: int) -> np.ndarray:
+    """A mask as an affinity-label map: 0 background, every class non-zero, void IGNORE."""
+    mask = mask.astype(np.int64)
+    return np.where(mask == 255, IGNORE, np.where(mask == background_index, 0, mask + 1000))
+
+
+def add_pair_stats(stats: np.ndarray, aff: np.ndarray, label_map: np.ndarray, stride: int, radius: int,
+                   beta: float) -> None:
+    """Add to stats (3 kinds x (pairs, sum a, sum a^beta)) the bg-pos, fg-pos and neg pairs
+    that `label_map` (image size) defines on the (P, h, w) affinities `aff`. The map is
+    edge-padded like `image_features` pads the image, so the grid cells cover the same pixels."""
+    pad = ((0, -label_map.shape[0] % stride), (0, -label_map.shape[1] % stride))
+    padded = np.pad(label_map.astype(np.int64), pad, mode="edge")
+    codes = pair_labels(resize_nearest(padded, *aff.shape[-2:]), radius)
+    for row, code in enumerate((PAIR_BG_POS, PAIR_FG_POS, PAIR_NEG)):
+        sel = codes == code
+        stats[row] += [sel.sum(), aff[sel].sum(), (aff[sel] ** beta).sum()]
+
+
 def background_variants(args) -> list[tuple[str, dict]]:
     variants = [("model", {"background": "model"})]
     variants += [(f"power a={a:g}", {"background": "power", "alpha": a}) for a in args.alphas]
@@ -127,19 +146,8 @@ def main() -> None:
             with torch.no_grad():
                 features = image_features(affinity_net, sample.image)
                 aff = pair_affinities(features[None], radius)[0].numpy()
-            grid = features.shape[-2:]
-            # Pad like image_features (edge) so the grid cells cover the same pixels.
-            s_ = affinity_net.output_stride
-            pad = ((0, -sample.mask.shape[0] % s_), (0, -sample.mask.shape[1] % s_))
-            gt = np.pad(sample.mask, pad, mode="edge").astype(np.int64)
-            gt = np.where(gt == 255, IGNORE, np.where(gt == bg, 0, gt + 1000))  # classes non-zero
-            lab = np.pad(label, pad, mode="edge")
-            for src, grid_label in (("masks", gt), ("affinity labels", lab)):
-                small = resize_nearest(grid_label.astype(np.int64), *grid)
-                codes = pair_labels(small, radius)
-                for row, code in enumerate((PAIR_BG_POS, PAIR_FG_POS, PAIR_NEG)):
-                    sel = codes == code
-                    pair_stats[src][row] += [sel.sum(), aff[sel].sum(), (aff[sel] ** stage.beta).sum()]
+            for src, grid_label in (("masks", mask_pair_labels(sample.mask, bg)), ("affinity labels", label)):
+                add_pair_stats(pair_stats[src], aff, grid_label, affinity_net.output_stride, radius, stage.beta)
         label_counts[0] += [fg.sum(), (as_ids[fg] == sample.mask[fg]).sum()]
         label_counts[1] += [bgl.sum(), (sample.mask[bgl] == bg).sum()]
         label_counts[2] += [ign.sum(), 0]

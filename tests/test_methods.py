@@ -166,6 +166,7 @@ def test_seam_without_its_terms_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="loss.seam"):
         train_cam.run(tmp_path / "c.yaml")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_method_args_are_checked():

@@ -1,6 +1,7 @@
 """SEAM's own losses (Wang et al., "Self-supervised Equivariant Attention Mechanism for Weakly
 Supervised Semantic Segmentation", CVPR 2020, §3.2 and §3.4; public code
-github.com/YudeWang/SEAM, train_SEAM.py). Section and equation numbers are the SEAM paper's.
+github.com/YudeWang/SEAM, train_SEAM.py). Section numbers are the SEAM paper's (its text is
+not in ../shared/papers, so no equation numbers are cited).
 
 SEAM trains a siamese network: branch o sees the image I, branch t the image rescaled by A
 (bilinear, factor 0.3). yhat are the CAMs, y the CAMs revised by the pixel correlation module

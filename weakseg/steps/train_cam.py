@@ -65,15 +65,15 @@ def run(config_path: str | Path, overrides: list[str] | None = None, on_step=Non
 
 def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dict:
     """Train from a config object; dataset paths resolve against `base_dir`."""
+    if config.model.method == "seam" and config.loss.seam is None:
+        # Without them the PCM is never trained, and inference reads the PCM-revised CAM.
+        raise ConfigError("model.method: seam needs loss.seam, SEAM's equivariance terms "
+                          "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = to_dict(config)
     saved["dataset"] = with_absolute_paths(config.dataset, base_dir)  # runnable from OUT too
     write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    if config.model.method == "seam" and config.loss.seam is None:
-        # Without them the PCM is never trained, and inference reads the PCM-revised CAM.
-        raise ConfigError("model.method: seam needs loss.seam, SEAM's equivariance terms "
-                          "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
     dataset = build_dataset(config.dataset, base_dir)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, len(dataset.foreground_ids))

@@ -1,7 +1,7 @@
 """SEAM: a siamese CAM network with a pixel correlation module (Wang, Zhang, Kan, Shan, Chen,
 "Self-supervised Equivariant Attention Mechanism for Weakly Supervised Semantic
-Segmentation", CVPR 2020; public code github.com/YudeWang/SEAM). Section and equation
-numbers below are the SEAM paper's.
+Segmentation", CVPR 2020; public code github.com/YudeWang/SEAM). Section numbers below are
+the SEAM paper's; its text is not in ../shared/papers, so no equation numbers are cited.
 
 What the network computes (`SEAMNet.forward`)
 ---------------------------------------------
@@ -13,7 +13,7 @@ One pass on images I (B, 3, H, W), features x = backbone(I) on the h x w grid:
   overwrite it with 1 - max_c of the normalised foreground CAMs, which is what we compute.
 - ``logits`` (B, C): global average pooling of ``cams``.
 - ``cams_pcm`` (B, C, h, w) and ``cams_pcm_background`` (B, 1, h, w): the CAM revised by the
-  pixel correlation module (PCM, §3.3, eq. 4), foreground and background channels:
+  pixel correlation module (PCM, §3.3), foreground and background channels:
 
       y_j = sum_i A_ji yhat_i,   A_ji = ReLU(cos(theta_j, theta_i)) / sum_k ReLU(cos(theta_j, theta_k))
 
@@ -99,7 +99,7 @@ def pcm_input(cams: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
 
 
 def pcm_affinity(embedding: torch.Tensor) -> torch.Tensor:
-    """(B, D, h, w) pixel embeddings theta -> (B, N, N) affinities A, N = h * w (SEAM eq. 4).
+    """(B, D, h, w) pixel embeddings theta -> (B, N, N) affinities A, N = h * w (SEAM §3.3).
 
     A_ji = ReLU(cos(theta_j, theta_i)) / sum_k ReLU(cos(theta_j, theta_k)): rows (target pixel
     j) are non-negative and sum to 1. cos(theta_j, theta_j) is defined as 1, also for a zero
@@ -121,7 +121,7 @@ def pcm_refine(cams: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
 
 
 class PixelCorrelationModule(nn.Module):
-    """SEAM's PCM (§3.3): theta = W9 [image, ReLU(W8 features)], then eq. 4 on the CAM."""
+    """SEAM's PCM (§3.3): theta = W9 [image, ReLU(W8 features)], then the PCM revision on the CAM."""
 
     def __init__(self, feature_channels: int, dim: int = 192, image_channels: int = 3):
         super().__init__()
