@@ -83,6 +83,14 @@ def test_base_files_merge_and_loops_are_refused(tmp_path):
         "train": {"epochs": 4, "lr": 0.01},
     }
     assert load_yaml(tmp_path / "paper.yaml")["train"]["epochs"] == 8  # the base is untouched
+    # A mapping of another kind replaces the base's whole: an nyu dataset keeps no voc `split`.
+    (tmp_path / "voc.yaml").write_text("dataset: {kind: voc, root: v, split: train}\nloss: {classification: {kind: gap}}\n")
+    (tmp_path / "nyu.yaml").write_text("base: voc.yaml\ndataset: {kind: nyu, root: n}\n"
+                                       "loss: {classification: {kind: gap, focal_gamma: 2}}\n")
+    assert load_yaml(tmp_path / "nyu.yaml") == {
+        "dataset": {"kind": "nyu", "root": "n"},
+        "loss": {"classification": {"kind": "gap", "focal_gamma": 2}},  # same kind: merged
+    }
     (tmp_path / "a.yaml").write_text("base: b.yaml\nx: 1\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ny: 2\n")
     with pytest.raises(ConfigError, match="loop"):

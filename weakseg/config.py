@@ -24,7 +24,9 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Safe-load a YAML mapping (no Python object tags are ever constructed).
 
     A top-level ``base: other.yaml`` (relative to this file) loads that file first and lays
-    this one over it, mappings merged key by key, anything else replaced; ``key: null`` removes
+    this one over it, mappings merged key by key, anything else replaced; a mapping whose
+    ``kind`` differs from the base's replaces it whole (its keys belong to another kind: an
+    ``nyu`` dataset laid on a ``voc`` one keeps no ``split``); ``key: null`` removes
     the key, so its default applies (``fsl: null`` drops an add-on, ``freeze_stem: null`` a
     backbone option the base sets). Relative paths inside either file still
     resolve against the folder of the file named on the command line, so keep bases beside
@@ -54,16 +56,21 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
 
 def merge_mappings(base: dict, over: dict) -> dict:
     """`over` laid on `base`: nested mappings merged, other values (lists, scalars) replaced,
-    a key set to null in `over` removed. Neither input is changed."""
+    a key set to null in `over` removed, a mapping of another `kind` replaced whole. Neither
+    input is changed."""
     result = _deep_copy(base)
     for key, value in over.items():
         if value is None:
             result.pop(key, None)
-        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+        elif isinstance(value, dict) and isinstance(result.get(key), dict) and not _other_kind(result[key], value):
             result[key] = merge_mappings(result[key], value)
         else:
             result[key] = _deep_copy(value)
     return result
+
+
+def _other_kind(base: dict, over: dict) -> bool:
+    return "kind" in base and "kind" in over and base["kind"] != over["kind"]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

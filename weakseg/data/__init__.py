@@ -35,12 +35,20 @@ def layout_module(kind: str):
     return importlib.import_module(f"weakseg.data.{LAYOUTS[kind]}")
 
 
+def check_dataset_mapping(mapping: Any, prefix: str = "dataset") -> None:
+    """Refuse a dataset mapping with no or an unknown `kind`, or a key its layout does not
+    have, before any file is read or written (configs check this when they load)."""
+    if not isinstance(mapping, Mapping) or "kind" not in mapping:
+        raise ConfigError(f"{prefix}.kind: required key is missing; allowed values: {', '.join(LAYOUTS)}")
+    options = dict(mapping)
+    from_mapping(layout_module(options.pop("kind")).Config, options, prefix)
+
+
 def build_dataset(
     mapping: Mapping[str, Any], base_dir: str | Path | None = None, strict: bool = True, prefix: str = "dataset"
 ) -> SegDataset:
     """Build a dataset from a config mapping (`kind` + the layout's keys)."""
-    if not isinstance(mapping, Mapping) or "kind" not in mapping:
-        raise ConfigError(f"{prefix}.kind: required key is missing; allowed values: {', '.join(LAYOUTS)}")
+    check_dataset_mapping(mapping, prefix)
     options = dict(mapping)
     kind = options.pop("kind")
     module = layout_module(kind)

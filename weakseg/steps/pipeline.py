@@ -31,7 +31,7 @@ from typing import Any, Callable
 import yaml
 
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
-from weakseg.data import build_dataset, with_absolute_paths
+from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_paths
 from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
@@ -77,7 +77,11 @@ class PipelineConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineConfig, Path]:
     data = apply_overrides(load_yaml(path), overrides or [])
-    return from_mapping(PipelineConfig, data), Path(path).resolve().parent
+    config = from_mapping(PipelineConfig, data)
+    check_dataset_mapping(config.dataset)
+    if config.eval_dataset is not None:
+        check_dataset_mapping(config.eval_dataset, "eval_dataset")
+    return config, Path(path).resolve().parent
 
 
 def _without_nulls(value: Any) -> Any:

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
-from weakseg.data import build_dataset, with_absolute_paths
+from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_paths
 from weakseg.data.io import atomic_path, write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
@@ -44,7 +44,9 @@ class CAMRunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[CAMRunConfig, Path]:
     data = apply_overrides(load_yaml(path), overrides or [])
-    return from_mapping(CAMRunConfig, data), Path(path).resolve().parent
+    config = from_mapping(CAMRunConfig, data)
+    check_dataset_mapping(config.dataset)
+    return config, Path(path).resolve().parent
 
 
 def save_cam_model(path: Path, model: torch.nn.Module, model_config: ModelConfig, dataset) -> None:
