@@ -5,6 +5,11 @@ mean +- std over seeds, every row trained with the same CPU-sized schedule.
     python benchmarks/cam_real_data.py --dataset voc --seeds 0 1 2 [--out runs/bench_cam] [--only NAME ...]
     python benchmarks/cam_real_data.py --dataset nyu --seeds 0 1 2 [--threads 1] [--reuse]
     python benchmarks/cam_real_data.py --dataset voc --train-data TRAIN.yaml --eval-data HELD_BACK.yaml
+    python benchmarks/cam_real_data.py --dataset voc --holdout 3 --seeds 0 --only SEAM
+
+`--holdout K` holds back every K-th image of the dataset's sorted id list: it writes the two
+id lists and dataset configs under OUT/<dataset>_holdoutK/, trains every row on the other
+images and scores on the held-back ones (the same as --train-data/--eval-data with those files).
 
 `--train-data` / `--eval-data` (dataset config files) train every row on other images and
 score the CAMs on held-back ones; the background threshold is still swept on the scored
@@ -26,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from weakseg.data import load_dataset_config, with_absolute_paths
+from weakseg.data import build_dataset, load_dataset_config, with_absolute_paths
 from weakseg.steps import infer_cam, train_cam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +79,27 @@ def dataset_override(path: Path) -> str:
     return "dataset=" + json.dumps(with_absolute_paths(load_dataset_config(path), path.resolve().parent))
 
 
+def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, Path]:
+    """Dataset configs for the images kept for training and every `every`-th one held back
+    (sorted ids, positions every-1, 2*every-1, ...), written under `folder`."""
+    if every < 2:
+        raise SystemExit(f"--holdout {every}: must be at least 2 (every K-th image held back)")
+    mapping = with_absolute_paths(load_dataset_config(DATA[dataset]), DATA[dataset].parent)
+    ids = sorted(build_dataset(mapping).ids)
+    held = [i for n, i in enumerate(ids) if n % every == every - 1]
+    kept = [i for n, i in enumerate(ids) if n % every != every - 1]
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = []
+    for name, chosen in (("train", kept), ("heldback", held)):
+        (folder / f"{name}_ids.txt").write_text("\n".join(chosen) + "\n")
+        config = dict(mapping, ids_file=str((folder / f"{name}_ids.txt").resolve()))
+        config.pop("split", None)
+        (folder / f"{name}.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+        configs.append(folder / f"{name}.yaml")
+    print(f"held back {len(held)} of {len(ids)} images (1 in {every}): {folder}", flush=True)
+    return configs[0], configs[1]
+
+
 def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, reuse: bool = False,
             train_data: Path | None = None, eval_data: Path | None = None) -> dict:
     config_file, overrides = recipe
@@ -112,7 +138,15 @@ def main() -> None:
                         help="dataset config to train every row on instead of the recipe's (e.g. a split)")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="dataset config to score the CAMs on (held-back images) instead of the training data")
+    parser.add_argument("--holdout", type=int, default=None, metavar="K",
+                        help="train on the dataset without every K-th image, score on those (writes the split)")
     args = parser.parse_args()
+    tag = args.dataset
+    if args.holdout:
+        if args.train_data or args.eval_data:
+            raise SystemExit("--holdout writes its own --train-data/--eval-data; give one or the other")
+        tag = f"{args.dataset}_holdout{args.holdout}"
+        args.train_data, args.eval_data = write_holdout_split(args.dataset, args.holdout, args.out / tag)
     if args.threads:
         import torch
 
@@ -125,13 +159,14 @@ def main() -> None:
         slug = name.replace(" ", "_").replace("/", "-").replace("+", "p").replace("(", "").replace(")", "")
         results[name] = []
         for seed in args.seeds:
-            metrics = run_one(args.dataset, recipe, seed, args.out / args.dataset / slug, args.reuse,
+            metrics = run_one(args.dataset, recipe, seed, args.out / tag / slug, args.reuse,
                               args.train_data, args.eval_data)
             results[name].append(metrics)
             print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
                   f"({metrics['seconds']:.0f} s)", flush=True)
 
-    print(f"\n{args.dataset}: CAM pseudo-labels, seeds {args.seeds} (mean ± std over seeds), "
+    scored = f" scored on {args.eval_data}" if args.eval_data else ""
+    print(f"\n{tag}: CAM pseudo-labels{scored}, seeds {args.seeds} (mean ± std over seeds), "
           f"shared overrides {SCHEDULE[args.dataset] or 'none'}\n")
     print("| recipe | config | J (%) | F (%) | J&F (%) | threshold | s / run |")
     print("|---|---|---|---|---|---|---|")
@@ -146,7 +181,7 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     # Rows of earlier invocations (e.g. other --only sets) are kept; this one's replace theirs.
-    summary_path = args.out / f"{args.dataset}_summary.json"
+    summary_path = args.out / f"{tag}_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({name: [{k: r.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
                            for r in runs] for name, runs in results.items()})
