@@ -162,6 +162,25 @@ def run_pipeline(
     out_console.print(table)
 
 
+@app.command("sweep", context_settings={"ignore_unknown_options": True})
+def sweep_command(
+    config: Path = typer.Argument(..., help="Pipeline YAML (with cam:) or CAM training YAML (with model:)."),
+    args: Optional[list[str]] = typer.Argument(
+        None, metavar="--seeds S [S ...] [KEY=V1,V2 ...]",
+        help="--seeds 0 1 2 (required), then grid items: key=v1,v2 runs every value, e.g. refine.method=crf,pamr "
+             "cam.infer.scales=[0.5,1.0],[1.0] (commas inside brackets do not split)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: the config's out + _sweep)."),
+) -> None:
+    """Every combination of the grid values x every seed, one run each (finished runs are
+    reused); OUT/sweep.json, sweep.csv and sweep.md hold mean ± sample std over the seeds."""
+    from weakseg.steps import sweep
+
+    seeds, items = sweep.split_cli_args(args or [])
+    result = sweep.run(config, seeds, items, out, log=lambda m: console.print(m, markup=False, highlight=False))
+    out_console.print(sweep.markdown_table(list(result["grid"]), result["combinations"]), markup=False,
+                      highlight=False, soft_wrap=True)
+
+
 @app.command("refine")
 def refine_cams(
     cams: Path = typer.Option(..., "--cams", help="infer-cam output folder (holding cams/<id>.npz)."),

@@ -29,3 +29,8 @@ class DatasetProblems(WeaksegError):
         self.problems = list(problems)
         lines = [f"{len(self.problems)} problem(s) in {what}:"] + [str(p) for p in self.problems]
         super().__init__("\n".join(lines))
+
+
+class NonFiniteLoss(WeaksegError, FloatingPointError):
+    """Training met a NaN or infinite loss; the message names the term, the step and the
+    last good checkpoint (which is left as it was)."""

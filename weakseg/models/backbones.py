@@ -615,7 +615,8 @@ def save_weights(backbone: nn.Module, path: str | Path) -> Path:
 
         save_file(state, str(path))
     else:
-        torch.save(state, path)
+        with open(path, "wb") as handle:  # a handle, not a path: byte-identical files for equal weights
+            torch.save(state, handle)
     return path
 
 

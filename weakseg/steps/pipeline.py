@@ -36,6 +36,7 @@ from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
 from weakseg.models.factory import ModelConfig, SegModelConfig
+from weakseg.record import run_record
 from weakseg.steps import infer_cam, predict, pseudo_labels, refine, train_cam, train_seg
 from weakseg.steps.predict import SegInferConfig
 from weakseg.steps.pseudo_labels import PseudoLabelConfig
@@ -166,12 +167,18 @@ def run(
         raise ConfigError(f"--to {to_step} comes before --from {from_step}")
     last = STEPS.index(to_step) if to_step is not None else len(STEPS) - 1
     run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The saved copy names its data by absolute paths, so it runs from the run folder too.
     saved = to_dict(config)
     saved["dataset"] = with_absolute_paths(config.dataset, base_dir)
     if config.eval_dataset is not None:
         saved["eval_dataset"] = with_absolute_paths(config.eval_dataset, base_dir)
+    with run_record(run_dir, "run", saved, {"from_step": from_step, "to_step": to_step}) as record:
+        record["result"] = summary = _run_steps(config, saved, base_dir, run_dir, from_step, last, log, progress)
+    return summary
+
+
+def _run_steps(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Path, from_step: str | None, last: int,
+               log: Callable[[str], None], progress) -> dict:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     dataset = build_dataset(config.dataset, base_dir)
     eval_dataset = dataset if config.eval_dataset is None else build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")

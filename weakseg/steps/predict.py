@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from weakseg.config import from_mapping
+from weakseg.config import from_mapping, to_dict
 from weakseg.data.base import SegDataset
 from weakseg.data.io import write_label_png, write_text_atomic
 from weakseg.errors import DataError
@@ -23,6 +23,7 @@ from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.models.inference import predict_probs
 from weakseg.train.trainer import load_model_file, pick_device
+from weakseg.record import dataset_summary, run_record
 
 @dataclass
 class SegInferConfig:
@@ -43,7 +44,7 @@ def load_seg_model(path: str | Path, device: torch.device):
     return model.to(device).eval(), state
 
 
-def run(
+def _run(
     checkpoint: str | Path,
     dataset: SegDataset,
     out_dir: str | Path,
@@ -86,4 +87,20 @@ def run(
     if has_masks:
         result.update(evaluator.headline())
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def run(
+    checkpoint: str | Path,
+    dataset: SegDataset,
+    out_dir: str | Path,
+    config: SegInferConfig,
+    device: str = "auto",
+    on_image=None,
+) -> dict:
+    """Predictions of the segmentation network -> OUT/pred (+ metrics); OUT/run.json records it."""
+    record_config = {"checkpoint": str(Path(checkpoint).resolve()), "infer": to_dict(config),
+                     "dataset": dataset_summary(dataset)}
+    with run_record(out_dir, "predict", record_config) as record:
+        record["result"] = result = _run(checkpoint, dataset, out_dir, config, device, on_image)
     return result

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
 from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.record import dataset_summary, run_record
 
 IGNORE = 255
 
@@ -50,7 +52,7 @@ def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) 
     return label
 
 
-def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
+def _run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
     probs_dir, out = Path(probs_dir), Path(out_dir)
     everything = SegEvaluator(dataset.class_names, dataset.background_index)
     labelled = SegEvaluator(dataset.class_names, dataset.background_index)
@@ -88,4 +90,13 @@ def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config:
             }
         )
         write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
+    """Pseudo-label PNGs from refined probabilities -> OUT/labels; OUT/run.json records it."""
+    record_config = {"probs_dir": str(Path(probs_dir).resolve()), "pseudo_labels": to_dict(config),
+                     "dataset": dataset_summary(dataset)}
+    with run_record(out_dir, "pseudo-labels", record_config) as record:
+        record["result"] = result = _run(dataset, probs_dir, out_dir, config, on_image)
     return result

@@ -18,11 +18,12 @@ import yaml
 
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
 from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_paths
-from weakseg.data.io import atomic_path, write_text_atomic
+from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
 from weakseg.models.factory import ModelConfig, build_model
-from weakseg.train.trainer import TrainConfig, train
+from weakseg.record import run_record
+from weakseg.train.trainer import TrainConfig, save_checkpoint, train
 
 
 @dataclass
@@ -56,8 +57,7 @@ def save_cam_model(path: Path, model: torch.nn.Module, model_config: ModelConfig
         "class_names": list(dataset.class_names),
         "background_index": dataset.background_index,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, state)
 
 
 def run(config_path: str | Path, overrides: list[str] | None = None, on_step=None) -> dict:
@@ -72,9 +72,16 @@ def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dic
         raise ConfigError("model.method: seam needs loss.seam, SEAM's equivariance terms "
                           "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     saved = to_dict(config)
     saved["dataset"] = with_absolute_paths(config.dataset, base_dir)  # runnable from OUT too
+    with run_record(out, "train-cam", saved) as record:
+        result = _train(config, saved, base_dir, on_step)
+        record["result"] = {"epoch_losses": result["epoch_losses"], "steps": result["steps"]}
+    return result
+
+
+def _train(config: CAMRunConfig, saved: dict, base_dir: Path | None, on_step) -> dict:
+    out = Path(config.out)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     dataset = build_dataset(config.dataset, base_dir)
     torch.manual_seed(config.train.seed)

@@ -23,11 +23,12 @@ import yaml
 from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
 from weakseg.data import build_dataset
 from weakseg.data.base import SegDataset
-from weakseg.data.io import atomic_path, read_label_map, write_text_atomic
+from weakseg.data.io import read_label_map, write_text_atomic
 from weakseg.errors import DataError
 from weakseg.losses.terms import SegmentationTerm
 from weakseg.models.factory import SegModelConfig, build_seg_model
-from weakseg.train.trainer import TrainConfig, train
+from weakseg.train.trainer import TrainConfig, save_checkpoint, train
+from weakseg.record import dataset_summary, run_record
 
 
 def label_reader(labels_dir: Path, dataset: SegDataset):
@@ -53,11 +54,10 @@ def save_seg_model(path: Path, model: torch.nn.Module, config: SegModelConfig, d
         "class_names": list(dataset.class_names),
         "background_index": dataset.background_index,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, state)
 
 
-def run(
+def _run(
     dataset: SegDataset,
     labels_dir: str | Path,
     out_dir: str | Path,
@@ -101,3 +101,20 @@ def run_file(config_path: str | Path, overrides: list[str] | None = None, on_ste
     base_dir = Path(config_path).resolve().parent
     dataset = build_dataset(config.dataset, base_dir)
     return run(dataset, config.labels, config.out, config.model, config.train, on_step)
+
+
+def run(
+    dataset: SegDataset,
+    labels_dir: str | Path,
+    out_dir: str | Path,
+    model_config: SegModelConfig,
+    train_config: TrainConfig,
+    on_step=None,
+) -> dict:
+    """Train the segmentation network on pseudo-labels -> OUT/seg_model.pt; OUT/run.json records it."""
+    record_config = {"labels": str(Path(labels_dir).resolve()), "model": to_dict(model_config),
+                     "train": to_dict(train_config), "dataset": dataset_summary(dataset)}
+    with run_record(out_dir, "train-seg", record_config) as record:
+        result = _run(dataset, labels_dir, out_dir, model_config, train_config, on_step)
+        record["result"] = {"epoch_losses": result["epoch_losses"], "steps": result["steps"]}
+    return result

@@ -26,7 +26,7 @@ import torch
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, read_label_map, write_label_png
 from weakseg.data.transforms import AugmentConfig, build_augment, resize_nearest
-from weakseg.errors import ConfigError, DataError
+from weakseg.errors import ConfigError, DataError, NonFiniteLoss
 from weakseg.refine.affinity import (
     AffinityNet,
     ProbsRefiner,
@@ -39,7 +39,9 @@ from weakseg.train.trainer import (
     TrainConfig,
     build_optimizer,
     epoch_batches,
+    global_rng_state,
     pick_device,
+    restore_global_rng,
     resume_from,
     save_checkpoint,
     schedule_length,
@@ -128,6 +130,7 @@ def train_affinity(
     state = resume_from(checkpoint_path, model, optimizer)
     if state is not None:
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
+        restore_global_rng(state)
 
     def item(index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         sample = dataset[index]
@@ -150,7 +153,10 @@ def train_affinity(
             codes = np.stack([pair_labels(resize_nearest(lab, *grid), config.radius) for lab in label_maps])
             loss = affinity_loss(pair_affinities(features, config.radius), torch.from_numpy(codes))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"affinity loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                raise NonFiniteLoss(
+                    f"non-finite loss (term affinity: {loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+                    f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none (first epoch)'}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -167,6 +173,7 @@ def train_affinity(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
                 "epoch_losses": epoch_losses,
+                **global_rng_state(),
             },
         )
     return model.eval()

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from weakseg.errors import NonFiniteLoss
 from weakseg.losses.classification import multilabel_soft_margin
 
 
@@ -60,7 +61,7 @@ def train_cam_in_memory(
                 group["lr"] = poly_lr(config.lr, step, total, config.poly_power)
             loss = multilabel_soft_margin(model(batch)["logits"], labels[idx])
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"classification loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                raise NonFiniteLoss(f"non-finite loss (term cls: {loss.item()}) at epoch {epoch + 1}, step {step + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -23,7 +23,7 @@ import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path
-from weakseg.errors import DataError
+from weakseg.errors import DataError, NonFiniteLoss
 from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.terms import LossConfig, LossTerm, build_terms
@@ -112,8 +112,11 @@ def build_optimizer(model: torch.nn.Module, extra: list[torch.nn.Parameter], con
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save to `path` atomically. Through a file handle: given a path, torch.save names
+    the zip's inner folder after it (here a random temp name), so equal weights would differ
+    byte for byte and run manifests of identical runs would not match."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -150,10 +153,27 @@ def resume_from(checkpoint_path: Path, model: torch.nn.Module, optimizer) -> dic
     returns the checkpoint (epoch, epoch_losses, ...) or None."""
     if not checkpoint_path.exists():
         return None
-    state = load_checkpoint(checkpoint_path)
+    state = load_model_file(checkpoint_path, "epoch", "training checkpoint (no 'epoch')")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state
+
+
+def global_rng_state() -> dict:
+    """torch's global generator states, saved with each checkpoint. They drive dropout (and any
+    other torch.rand in a forward pass): without them a resumed run would draw other dropout
+    masks than the uninterrupted run from the resumed epoch on."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_global_rng(checkpoint: dict) -> None:
+    if "torch_rng" in checkpoint:
+        torch.set_rng_state(checkpoint["torch_rng"])
+    if "cuda_rng" in checkpoint and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
 
 
 def load_model_file(path: str | Path, required_key: str, what: str) -> dict:
@@ -245,6 +265,7 @@ def train(
             term.load_state_dict(term_state)
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
         generator.set_state(state["isl_generator"])
+        restore_global_rng(state)
     logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch)
     normaliser = getattr(model, "input_normalization", None)
     try:
@@ -263,9 +284,9 @@ def train(
                 total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
                 if not torch.isfinite(total):
                     bad = [t.name for t, v in zip(terms, values) if not torch.isfinite(v)]
-                    raise FloatingPointError(
+                    raise NonFiniteLoss(
                         f"non-finite loss (term {', '.join(bad) or 'total'}) at epoch {epoch + 1}, step {step + 1}; "
-                        f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}"
+                        f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none (first epoch)'}"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -285,6 +306,7 @@ def train(
                     "epoch": epoch + 1,
                     "epoch_losses": epoch_losses,
                     "isl_generator": generator.get_state(),
+                    **global_rng_state(),
                 },
             )
     finally:
