@@ -181,6 +181,20 @@ def sweep_command(
                       highlight=False, soft_wrap=True)
 
 
+@app.command("report")
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `weakseg run` (each holding results.json)."),
+    out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: no scripts, no links)."),
+    max_images: int = typer.Option(6, "--max-images", min=0, help="Overlay rows per run: its dataset's first N images (0: none)."),
+) -> None:
+    """One self-contained HTML page comparing run folders: J, F, J&F and boundary IoU per stage,
+    a J-vs-F scatter, per-class IoU bars, step seconds and overlays (image, CAM, pseudo-label,
+    prediction, ground truth)."""
+    from weakseg.report import write_report
+
+    out_console.print(f"wrote {write_report(run_dirs, out, max_images=max_images)}", markup=False, highlight=False)
+
+
 @app.command("refine")
 def refine_cams(
     cams: Path = typer.Option(..., "--cams", help="infer-cam output folder (holding cams/<id>.npz)."),
