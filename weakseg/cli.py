@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Weakly supervised semantic segmentation from image-level labels.",
 )
-out_console = Console()  # results go to stdout; progress and errors to stderr
+# Results go to stdout; progress and errors to stderr. Under torchrun only rank 0 prints
+# results (every rank runs the command).
+out_console = Console(quiet=int(os.environ.get("RANK", "0")) != 0)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets; estimate depth maps for them.")
 app.add_typer(data_app, name="data")
 

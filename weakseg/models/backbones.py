@@ -102,10 +102,13 @@ def input_norm_of(backbone: nn.Module) -> InputNorm:
 # --------------------------------------------------------------------------------------
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1, norm: str = "batch") -> nn.Sequential:
+    # GroupNorm (4 groups) normalises each image alone: results do not depend on how a batch
+    # is split across DDP ranks (BatchNorm's statistics do; SyncBatchNorm is CUDA-only).
+    layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(4 if cout % 4 == 0 else 1, cout)
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
+        layer,
         nn.ReLU(inplace=True),
     )
 
@@ -118,19 +121,23 @@ class TinyCNN(nn.Module):
     large backbones) strides the last two convolutions; the layers are the same at all strides.
     """
 
-    def __init__(self, width: int = 32, output_stride: int = 4):
+    def __init__(self, width: int = 32, output_stride: int = 4, norm: str = "batch"):
         super().__init__()
         if output_stride not in (4, 8, 16):
             raise ValueError(f"TinyCNN output_stride must be 4, 8 or 16, got {output_stride}")
+        if norm not in ("batch", "group"):
+            raise ValueError(f"TinyCNN norm must be 'batch' or 'group', got {norm!r}")
         w = width
         self.features = nn.Sequential(
-            _conv_bn(3, w),
-            _conv_bn(w, 2 * w, stride=2),
-            _conv_bn(2 * w, 2 * w),
-            _conv_bn(2 * w, 4 * w, stride=2),
-            _conv_bn(4 * w, 4 * w),
-            _conv_bn(4 * w, 4 * w, stride=2 if output_stride >= 8 else 1, dilation=1 if output_stride >= 8 else 2),
-            _conv_bn(4 * w, 4 * w, stride=2 if output_stride == 16 else 1, dilation=1 if output_stride == 16 else 2),
+            _conv_bn(3, w, norm=norm),
+            _conv_bn(w, 2 * w, stride=2, norm=norm),
+            _conv_bn(2 * w, 2 * w, norm=norm),
+            _conv_bn(2 * w, 4 * w, stride=2, norm=norm),
+            _conv_bn(4 * w, 4 * w, norm=norm),
+            _conv_bn(4 * w, 4 * w, stride=2 if output_stride >= 8 else 1, dilation=1 if output_stride >= 8 else 2,
+                     norm=norm),
+            _conv_bn(4 * w, 4 * w, stride=2 if output_stride == 16 else 1, dilation=1 if output_stride == 16 else 2,
+                     norm=norm),
         )
         self.out_channels = 4 * w
         self.output_stride = output_stride

@@ -30,8 +30,9 @@ from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import ModelConfig, build_model
 from weakseg.models.inference import infer_cams_and_probs
-from weakseg.train.trainer import load_model_file, pick_device
 from weakseg.record import dataset_summary, run_record
+from weakseg.train import distributed
+from weakseg.train.trainer import load_model_file, pick_device
 
 
 def load_cam_model(path: str | Path, device: torch.device):
@@ -66,41 +67,52 @@ def _run(
     output: str | None = None,
 ) -> dict:
     out = Path(out_dir)
+    distributed.setup()  # a no-op unless started by torchrun
     dev = pick_device(device)
     model, state = load_cam_model(checkpoint, dev)
     # A dataset config file (the CLI) or an already built dataset (`weakseg run`).
     dataset = data_config if isinstance(data_config, SegDataset) else dataset_from_file(data_config)
     if list(dataset.class_names) != list(state["class_names"]):
         raise DataError(data_config, "dataset classes differ from the classes the checkpoint was trained on")
-    has_masks = True
-    sweep = ThresholdSweep(dataset.num_classes, dataset.background_index) if dataset.background_index is not None else None
-    cam_files = []
-    masks = []  # kept (uint8, small) so the second pass does not decode every image again
-    for i in range(len(dataset)):
+    # Phase 1, sharded across torchrun ranks (all images in one process): the CAMs of this
+    # rank's images, rounded to float16 here, as stored, so the sweep scores exactly the
+    # saved CAMs. With `with_probs`, also the model's own [background, classes] probabilities
+    # (for refinement), from the same forward passes.
+    mine = distributed.shard(len(dataset))
+    for done, i in enumerate(mine, 1):
         sample = dataset[i]
         image = images_to_tensor([sample.image], model.input_normalization).to(dev)
         indices = np.flatnonzero(sample.labels > 0.5).tolist()
-        # Rounded to float16 here, as stored, so the sweep scores exactly the saved CAMs.
-        # With `with_probs`, also the model's own [background, classes] probabilities (for
-        # refinement), from the same forward passes.
         cams, probs = infer_cams_and_probs(
             model, image, indices, scales, flip, model.background_channel, activation=activation,
             with_probs=with_probs, output=output or getattr(model, "inference_output", "cams"),
             probs_output=getattr(model, "score_output", "cams"),
         )
         cams = cams.astype(np.float16).astype(np.float32)
+        save_cams(out / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids, probs)
+        if on_image is not None:
+            on_image(done, len(mine))
+    distributed.barrier()
+    result: dict = {"num_images": len(dataset)}
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 writes the labels and metrics of every image
+        return result
+
+    # Phase 2, rank 0: the background threshold swept over every image's saved CAMs.
+    cam_files, masks = [], []
+    has_masks = True
+    sweep = ThresholdSweep(dataset.num_classes, dataset.background_index) if dataset.background_index is not None else None
+    for i in range(len(dataset)):
+        sample = dataset[i]
         class_ids = sample.present_class_ids
-        save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids, probs)
         cam_files.append((sample.id, class_ids))
-        masks.append(sample.mask)
+        masks.append(sample.mask)  # kept (uint8, small) for the labels' evaluation below
         if sample.mask is None:
             has_masks = False
         elif sweep is not None:
-            sweep.add(cams, class_ids, sample.mask)
-        if on_image is not None:
-            on_image(i + 1, len(dataset))
+            with np.load(out / "cams" / f"{sample.id}.npz") as data:
+                sweep.add(data["cams"].astype(np.float32), class_ids, sample.mask)
 
-    result: dict = {"num_images": len(dataset)}
     if has_masks and sweep is not None:
         threshold, _ = sweep.best()
     elif threshold is None and dataset.background_index is not None:
@@ -121,6 +133,7 @@ def _run(
             summary["threshold_sweep"] = {f"{t:.2f}": float(j) for t, j in zip(sweep.thresholds, sweep.mious())}
         write_text_atomic(out / "cam_metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou", "best_threshold")})
+    distributed.barrier()
     return result
 
 

@@ -42,9 +42,12 @@ from weakseg.steps.predict import SegInferConfig
 from weakseg.steps.pseudo_labels import PseudoLabelConfig
 from weakseg.steps.refine import RefineConfig
 from weakseg.steps.train_cam import CAMRunConfig, InferConfig
+from weakseg.train import distributed
 from weakseg.train.trainer import TrainConfig
 
 STEPS = ("cam_train", "cam", "refined", "pseudo_labels", "seg_train", "final")
+# Under torchrun these run on rank 0 while the other ranks wait (the others split the work).
+RANK_ZERO_STEPS = ("refined", "final")
 METRIC_KEYS = ("miou", "contour_f", "jf", "boundary_iou")
 
 
@@ -179,7 +182,16 @@ def run(
 
 def _run_steps(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Path, from_step: str | None, last: int,
                log: Callable[[str], None], progress) -> dict:
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    # Under torchrun every rank runs this loop: the trainers use DDP, CAM inference and
+    # pseudo-labels shard the images, refinement and prediction run on rank 0 alone. Rank 0
+    # alone writes the bookkeeping (config, started/done markers, results.json) and logs;
+    # barriers keep the ranks on the same step.
+    distributed.setup()
+    main = distributed.is_main()
+    if not main:
+        log, progress = (lambda message: None), (lambda step: None)
+    if main:
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     dataset = build_dataset(config.dataset, base_dir)
     eval_dataset = dataset if config.eval_dataset is None else build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
     hashes = step_hashes(config, base_dir)
@@ -223,6 +235,7 @@ def _run_steps(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Pat
     results, rerun_rest = {}, False
     for step in STEPS[: last + 1]:
         state = _StepState(folders[step], hashes[step])
+        distributed.barrier()  # every rank sees the same markers
         done = None if (rerun_rest or step in forced) else state.finished()
         if done is not None:
             log(f"{step}: done earlier, skipped ({folders[step]})")
@@ -233,10 +246,15 @@ def _run_steps(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Pat
         clear = rerun_rest or step in forced
         rerun_rest = True
         log(f"{step}: running -> {folders[step]}")
-        state.begin(clear)
+        if main:
+            state.begin(clear)
+        distributed.barrier()
         started = time.perf_counter()
-        results[step] = actions[step]()
-        state.finish(results[step], time.perf_counter() - started)
+        result = actions[step]() if (main or step not in RANK_ZERO_STEPS) else None
+        if main:
+            state.finish(result, time.perf_counter() - started)
+        distributed.barrier()
+        results[step] = result if main else state.finished()["result"]
 
     # With --to, results.json holds the stages that ran so far.
     summary = {
@@ -252,5 +270,7 @@ def _run_steps(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Pat
         summary["cam_threshold"] = results["cam"].get("best_threshold", results["cam"].get("threshold"))
     if "pseudo_labels" in results:
         summary["pseudo_labels"] = {k: results["pseudo_labels"].get(k) for k in ("labelled_miou", "coverage", "confidence")}
-    write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if main:
+        write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    distributed.barrier()
     return summary

@@ -22,9 +22,10 @@ import numpy as np
 
 from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
-from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
+from weakseg.data.io import read_arrays, read_label_map, write_label_png, write_text_atomic
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.record import dataset_summary, run_record
+from weakseg.train import distributed
 
 IGNORE = 255
 
@@ -54,27 +55,36 @@ def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) 
 
 def _run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
     probs_dir, out = Path(probs_dir), Path(out_dir)
+    # Sharded across torchrun ranks (all images in one process): this rank's label maps.
+    distributed.setup()
+    mine = distributed.shard(len(dataset))
+    for done, i in enumerate(mine, 1):
+        sample_id = dataset.ids[i]
+        probs, class_ids = load_probs(probs_dir / "probs" / f"{sample_id}.npz")
+        write_label_png(out / "labels" / f"{sample_id}.png", probs_to_label(probs, class_ids, config.confidence))
+        if on_image is not None:
+            on_image(done, len(mine))
+    distributed.barrier()
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 scores every image's label map
+        return {"num_images": len(dataset), "confidence": config.confidence}
+
+    # Rank 0: the metrics of every image, from the label maps as written.
     everything = SegEvaluator(dataset.class_names, dataset.background_index)
     labelled = SegEvaluator(dataset.class_names, dataset.background_index)
     has_masks, covered, valid = True, 0, 0
     for i in range(len(dataset)):
-        sample_id = dataset.ids[i]
-        probs, class_ids = load_probs(probs_dir / "probs" / f"{sample_id}.npz")
-        label = probs_to_label(probs, class_ids, config.confidence)
-        write_label_png(out / "labels" / f"{sample_id}.png", label)
-        if has_masks:
-            mask = dataset[i].mask
-            if mask is None:
-                has_masks = False
-            else:
-                everything.add(label, mask)
-                # On the labelled pixels only: void the ground truth where the label is void.
-                labelled.add(label, np.where(label == IGNORE, IGNORE, mask).astype(np.uint8))
-                valid_gt = mask != IGNORE
-                covered += int(np.count_nonzero(valid_gt & (label != IGNORE)))
-                valid += int(np.count_nonzero(valid_gt))
-        if on_image is not None:
-            on_image(i + 1, len(dataset))
+        mask = dataset[i].mask
+        if mask is None:
+            has_masks = False
+            break
+        label = read_label_map(out / "labels" / f"{dataset.ids[i]}.png")
+        everything.add(label, mask)
+        # On the labelled pixels only: void the ground truth where the label is void.
+        labelled.add(label, np.where(label == IGNORE, IGNORE, mask).astype(np.uint8))
+        valid_gt = mask != IGNORE
+        covered += int(np.count_nonzero(valid_gt & (label != IGNORE)))
+        valid += int(np.count_nonzero(valid_gt))
     result: dict = {"num_images": len(dataset), "confidence": config.confidence}
     if has_masks:
         summary = everything.summary()
@@ -90,6 +100,7 @@ def _run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config
             }
         )
         write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    distributed.barrier()
     return result
 
 

@@ -23,6 +23,7 @@ from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
 from weakseg.models.factory import ModelConfig, build_model
 from weakseg.record import run_record
+from weakseg.train import distributed
 from weakseg.train.trainer import TrainConfig, save_checkpoint, train
 
 
@@ -82,7 +83,8 @@ def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dic
 
 def _train(config: CAMRunConfig, saved: dict, base_dir: Path | None, on_step) -> dict:
     out = Path(config.out)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    if distributed.is_main():
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     dataset = build_dataset(config.dataset, base_dir)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, len(dataset.foreground_ids))
@@ -95,5 +97,7 @@ def _train(config: CAMRunConfig, saved: dict, base_dir: Path | None, on_step) ->
         background_channel=model.background_channel,
         on_step=on_step,
     )
-    save_cam_model(out / "cam_model.pt", model.cpu(), config.model, dataset)
+    if distributed.is_main():  # under torchrun, one writer
+        save_cam_model(out / "cam_model.pt", model.cpu(), config.model, dataset)
+    distributed.barrier()
     return {"out": str(out), "cam_model": str(out / "cam_model.pt"), **history}

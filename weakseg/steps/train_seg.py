@@ -27,6 +27,7 @@ from weakseg.data.io import read_label_map, write_text_atomic
 from weakseg.errors import DataError
 from weakseg.losses.terms import SegmentationTerm
 from weakseg.models.factory import SegModelConfig, build_seg_model
+from weakseg.train import distributed
 from weakseg.train.trainer import TrainConfig, save_checkpoint, train
 from weakseg.record import dataset_summary, run_record
 
@@ -68,7 +69,8 @@ def _run(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": to_dict(model_config), "train": to_dict(train_config)}
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+    if distributed.is_main():
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
     torch.manual_seed(train_config.seed)
     model = build_seg_model(model_config, dataset.num_classes)
     history = train(
@@ -80,7 +82,9 @@ def _run(
         on_step=on_step,
         masks=label_reader(Path(labels_dir), dataset),
     )
-    save_seg_model(out / "seg_model.pt", model.cpu(), model_config, dataset)
+    if distributed.is_main():  # under torchrun, one writer
+        save_seg_model(out / "seg_model.pt", model.cpu(), model_config, dataset)
+    distributed.barrier()
     return {"out": str(out), "seg_model": str(out / "seg_model.pt"), **history}
 
 

@@ -46,7 +46,9 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank; before `setup()`, the one torchrun gave it (RANK), so files a
+    step writes before training starts are already written by rank 0 alone."""
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -73,12 +75,12 @@ def device_for(name: str) -> torch.device:
 
 def shard(count: int) -> range:
     """The indices of `count` items this rank handles: rank, rank + world, ..."""
-    return range(rank(), count, world_size())
+    return range(rank() if active() else 0, count, world_size())
 
 
 def local_slice(batch: Sequence[int]) -> list[int]:
     """This rank's part of a global batch (every world-th sample from its rank on)."""
-    return list(batch[rank()::world_size()])
+    return list(batch[rank() if active() else 0::world_size()])
 
 
 def loss_scale(local: int, global_: int) -> float:

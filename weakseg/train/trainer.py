@@ -27,6 +27,7 @@ from weakseg.errors import DataError, NonFiniteLoss
 from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.terms import LossConfig, LossTerm, build_terms
+from weakseg.train import distributed
 from weakseg.train.cam import poly_lr
 
 
@@ -47,9 +48,8 @@ class TrainConfig:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto`: this process's GPU when CUDA is there (LOCAL_RANK's under torchrun), else CPU."""
+    return distributed.device_for(name)
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
@@ -242,6 +242,8 @@ def train(
 
     `loss_config` is a `loss:` section (CAM methods) or ready loss terms (the segmentation
     network's cross-entropy); `masks` gives per-sample training targets, batched as "mask"."""
+    distributed.setup()
+    main = distributed.is_main()
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -266,50 +268,68 @@ def train(
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
         generator.set_state(state["isl_generator"])
         restore_global_rng(state)
-    logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch)
+    net = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+    logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch) if main else None
     normaliser = getattr(model, "input_normalization", None)
     try:
         for epoch in range(start_epoch, config.epochs):
             data.epoch = epoch
             model.train()
             running, seen = 0.0, 0
-            for step_in_epoch, idx in enumerate(epoch_batches(len(data), config, epoch, steps_per_epoch)):
-                items = [data[i] for i in idx]
+            for step_in_epoch, global_idx in enumerate(epoch_batches(len(data), config, epoch, steps_per_epoch)):
+                # Every rank draws the same global batch and takes its slice; a rank left
+                # without a sample (a last batch smaller than the world) runs one sample at
+                # weight 0, because DDP needs every rank in each gradient all-reduce.
+                idx = distributed.local_slice(global_idx)
+                scale = distributed.loss_scale(len(idx), len(global_idx))
+                items = [data[i] for i in (idx or global_idx[:1])]
                 batch = {key: torch.stack([it[key] for it in items]).to(device) for key in items[0]}
                 batch["image"] = normalize(batch["rgb"], normaliser)
                 step = epoch * steps_per_epoch + step_in_epoch
                 lr = set_poly_lr(optimizer, config, step, total_steps)
-                outputs = model(batch["image"])
+                outputs = net(batch["image"])
                 values = [term(outputs, batch, background_channel) for term in terms]
                 total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
-                if not torch.isfinite(total):
-                    bad = [t.name for t, v in zip(terms, values) if not torch.isfinite(v)]
+                # Global batch means of every term (sums over ranks of n_r * mean_r), so the
+                # log and the finiteness check are the same on every rank and equal to a
+                # single-process run's.
+                n_local = float(len(idx))
+                means = distributed.all_sum(torch.stack([v.detach().float() * n_local for v in values]
+                                                        + [total.detach().float() * n_local])) / len(global_idx)
+                if not torch.isfinite(means).all():
+                    bad = [t.name for t, v in zip(terms, means[:-1]) if not torch.isfinite(v)]
                     raise NonFiniteLoss(
                         f"non-finite loss (term {', '.join(bad) or 'total'}) at epoch {epoch + 1}, step {step + 1}; "
                         f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none (first epoch)'}"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                (total * scale).backward()
+                distributed.average_gradients(extra)  # DDP averages only the model's gradients
                 optimizer.step()
-                running += total.item() * len(idx)
-                seen += len(idx)
-                logger.log(epoch, step, lr, total.item(), [v.item() for v in values])
-                if on_step is not None:
+                global_total = means[-1].item()
+                running += global_total * len(global_idx)
+                seen += len(global_idx)
+                if logger is not None:
+                    logger.log(epoch, step, lr, global_total, means[:-1].tolist())
+                if on_step is not None and main:
                     on_step(step + 1, total_steps)
             epoch_losses.append(running / max(1, seen))
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "terms": [t.state_dict() for t in terms],
-                    "epoch": epoch + 1,
-                    "epoch_losses": epoch_losses,
-                    "isl_generator": generator.get_state(),
-                    **global_rng_state(),
-                },
-            )
+            if main:
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "terms": [t.state_dict() for t in terms],
+                        "epoch": epoch + 1,
+                        "epoch_losses": epoch_losses,
+                        "isl_generator": generator.get_state(),
+                        **global_rng_state(),
+                    },
+                )
+            distributed.barrier()
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     model.eval()
     return {"epoch_losses": epoch_losses, "steps": total_steps}
