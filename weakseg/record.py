@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -28,7 +30,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from weakseg.data.io import write_text_atomic
 from weakseg.errors import WeaksegError
@@ -221,3 +223,26 @@ def verify_outputs(out_dir: str | Path) -> list[str]:
     problems += [f"{rel}: changed" for rel in recorded if rel in current and current[rel] != recorded[rel]]
     problems += [f"{rel}: not in the manifest" for rel in current if rel not in recorded]
     return problems
+
+
+def recorded_step(step: str, describe: Callable[[dict], Any], out_arg: str = "out_dir",
+                  keep: Callable[[dict], Any] = lambda result: result):
+    """Decorator: run the step function inside `run_record(<its out_arg>, step, describe(args))`,
+    where `args` are the call's arguments by name (defaults applied); `keep(result)` is what
+    the record saves of the returned result."""
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with run_record(bound.arguments[out_arg], step, describe(bound.arguments)) as record:
+                result = function(*args, **kwargs)
+                record["result"] = keep(result)
+            return result
+
+        return wrapper
+
+    return decorate

@@ -30,7 +30,7 @@ from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import ModelConfig, build_model
 from weakseg.models.inference import infer_cams_and_probs
-from weakseg.record import dataset_summary, run_record
+from weakseg.record import dataset_summary, recorded_step
 from weakseg.train import distributed
 from weakseg.train.trainer import load_model_file, pick_device
 
@@ -53,7 +53,12 @@ def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int], probs: np.
         tmp.write_bytes(buffer.getvalue())
 
 
-def _run(
+@recorded_step("infer-cam", lambda a: {
+    "checkpoint": str(Path(a["checkpoint"]).resolve()), "scales": list(a["scales"]), "flip": a["flip"],
+    "threshold": a["threshold"], "activation": a["activation"], "with_probs": a["with_probs"], "output": a["output"],
+    "data": dataset_summary(a["data_config"]) if isinstance(a["data_config"], SegDataset)
+    else str(Path(a["data_config"]).resolve())})
+def run(
     checkpoint: str | Path,
     data_config: str | Path | SegDataset,
     out_dir: str | Path,
@@ -134,29 +139,4 @@ def _run(
         write_text_atomic(out / "cam_metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou", "best_threshold")})
     distributed.barrier()
-    return result
-
-
-def run(
-    checkpoint: str | Path,
-    data_config: str | Path | SegDataset,
-    out_dir: str | Path,
-    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-    flip: bool = True,
-    threshold: float | None = None,
-    device: str = "auto",
-    on_image=None,
-    activation: str = "relu",
-    with_probs: bool = False,
-    output: str | None = None,
-) -> dict:
-    """CAMs of every image of a dataset (multi-scale, flip) -> OUT/cams, OUT/pseudo_labels and,
-    with masks, OUT/cam_metrics.json; OUT/run.json records the call (weakseg.record)."""
-    config = {"checkpoint": str(Path(checkpoint).resolve()), "scales": list(scales), "flip": flip,
-              "threshold": threshold, "activation": activation, "with_probs": with_probs, "output": output,
-              "data": str(Path(data_config).resolve()) if not isinstance(data_config, SegDataset)
-              else dataset_summary(data_config)}
-    with run_record(out_dir, "infer-cam", config) as record:
-        record["result"] = result = _run(checkpoint, data_config, out_dir, scales, flip, threshold, device, on_image,
-                                         activation, with_probs, output)
     return result

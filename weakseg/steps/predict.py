@@ -23,7 +23,7 @@ from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.models.inference import predict_probs
 from weakseg.train.trainer import load_model_file, pick_device
-from weakseg.record import dataset_summary, run_record
+from weakseg.record import dataset_summary, recorded_step
 
 @dataclass
 class SegInferConfig:
@@ -44,7 +44,9 @@ def load_seg_model(path: str | Path, device: torch.device):
     return model.to(device).eval(), state
 
 
-def _run(
+@recorded_step("predict", lambda a: {
+    "checkpoint": str(Path(a["checkpoint"]).resolve()), "infer": to_dict(a["config"]), "dataset": dataset_summary(a["dataset"])})
+def run(
     checkpoint: str | Path,
     dataset: SegDataset,
     out_dir: str | Path,
@@ -87,20 +89,4 @@ def _run(
     if has_masks:
         result.update(evaluator.headline())
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
-
-
-def run(
-    checkpoint: str | Path,
-    dataset: SegDataset,
-    out_dir: str | Path,
-    config: SegInferConfig,
-    device: str = "auto",
-    on_image=None,
-) -> dict:
-    """Predictions of the segmentation network -> OUT/pred (+ metrics); OUT/run.json records it."""
-    record_config = {"checkpoint": str(Path(checkpoint).resolve()), "infer": to_dict(config),
-                     "dataset": dataset_summary(dataset)}
-    with run_record(out_dir, "predict", record_config) as record:
-        record["result"] = result = _run(checkpoint, dataset, out_dir, config, device, on_image)
     return result

@@ -24,7 +24,7 @@ from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, read_label_map, write_label_png, write_text_atomic
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.record import dataset_summary, run_record
+from weakseg.record import dataset_summary, recorded_step
 from weakseg.train import distributed
 
 IGNORE = 255
@@ -53,7 +53,10 @@ def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) 
     return label
 
 
-def _run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
+@recorded_step("pseudo-labels", lambda a: {
+    "probs_dir": str(Path(a["probs_dir"]).resolve()), "pseudo_labels": to_dict(a["config"]),
+    "dataset": dataset_summary(a["dataset"])})
+def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
     probs_dir, out = Path(probs_dir), Path(out_dir)
     # Sharded across torchrun ranks (all images in one process): this rank's label maps.
     distributed.setup()
@@ -101,13 +104,4 @@ def _run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config
         )
         write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     distributed.barrier()
-    return result
-
-
-def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
-    """Pseudo-label PNGs from refined probabilities -> OUT/labels; OUT/run.json records it."""
-    record_config = {"probs_dir": str(Path(probs_dir).resolve()), "pseudo_labels": to_dict(config),
-                     "dataset": dataset_summary(dataset)}
-    with run_record(out_dir, "pseudo-labels", record_config) as record:
-        record["result"] = result = _run(dataset, probs_dir, out_dir, config, on_image)
     return result

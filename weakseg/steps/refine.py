@@ -30,7 +30,7 @@ from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.record import dataset_summary, run_record
+from weakseg.record import dataset_summary, recorded_step
 from weakseg.refine.base import channel_probs
 from weakseg.train.affinity import AffinityTrainConfig, train_affinity
 from weakseg.train.trainer import pick_device
@@ -134,7 +134,9 @@ def save_probs(path: Path, probs: np.ndarray, class_ids: np.ndarray) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def _run(
+@recorded_step("refine", lambda a: {
+    "cam_dir": str(Path(a["cam_dir"]).resolve()), "refine": to_dict(a["config"]), "dataset": dataset_summary(a["dataset"])})
+def run(
     dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, config: RefineConfig, on_image=None, on_step=None
 ) -> dict:
     cam_dir, out = Path(cam_dir), Path(out_dir)
@@ -167,14 +169,4 @@ def _run(
     if has_masks:
         result.update(evaluator.headline())
         write_text_atomic(out / "refined_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
-
-
-def run(
-    dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, config: RefineConfig, on_image=None, on_step=None
-) -> dict:
-    """Refined probabilities of every image -> OUT/probs (+ metrics); OUT/run.json records it."""
-    record_config = {"cam_dir": str(Path(cam_dir).resolve()), "refine": to_dict(config), "dataset": dataset_summary(dataset)}
-    with run_record(out_dir, "refine", record_config) as record:
-        record["result"] = result = _run(dataset, cam_dir, out_dir, config, on_image, on_step)
     return result

@@ -29,7 +29,7 @@ from weakseg.losses.terms import SegmentationTerm
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.train import distributed
 from weakseg.train.trainer import TrainConfig, save_checkpoint, train
-from weakseg.record import dataset_summary, run_record
+from weakseg.record import dataset_summary, recorded_step
 
 
 def label_reader(labels_dir: Path, dataset: SegDataset):
@@ -58,7 +58,10 @@ def save_seg_model(path: Path, model: torch.nn.Module, config: SegModelConfig, d
     save_checkpoint(path, state)
 
 
-def _run(
+@recorded_step("train-seg", lambda a: {
+    "labels": str(Path(a["labels_dir"]).resolve()), "model": to_dict(a["model_config"]), "train": to_dict(a["train_config"]),
+    "dataset": dataset_summary(a["dataset"])}, keep=lambda r: {"epoch_losses": r["epoch_losses"], "steps": r["steps"]})
+def run(
     dataset: SegDataset,
     labels_dir: str | Path,
     out_dir: str | Path,
@@ -105,20 +108,3 @@ def run_file(config_path: str | Path, overrides: list[str] | None = None, on_ste
     base_dir = Path(config_path).resolve().parent
     dataset = build_dataset(config.dataset, base_dir)
     return run(dataset, config.labels, config.out, config.model, config.train, on_step)
-
-
-def run(
-    dataset: SegDataset,
-    labels_dir: str | Path,
-    out_dir: str | Path,
-    model_config: SegModelConfig,
-    train_config: TrainConfig,
-    on_step=None,
-) -> dict:
-    """Train the segmentation network on pseudo-labels -> OUT/seg_model.pt; OUT/run.json records it."""
-    record_config = {"labels": str(Path(labels_dir).resolve()), "model": to_dict(model_config),
-                     "train": to_dict(train_config), "dataset": dataset_summary(dataset)}
-    with run_record(out_dir, "train-seg", record_config) as record:
-        result = _run(dataset, labels_dir, out_dir, model_config, train_config, on_step)
-        record["result"] = {"epoch_losses": result["epoch_losses"], "steps": result["steps"]}
-    return result
