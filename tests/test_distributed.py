@@ -100,8 +100,8 @@ def test_ddp_network_gives_the_same_cam_metrics(cam_runs):
 
 
 def test_sharded_inference_of_one_checkpoint_is_identical(cam_runs, tmp_path):
-    # The same weights file inferred by two ranks (each writes every other image, rank 0 then
-    # sweeps the threshold over all of them): exactly what one process writes.
+    # The same weights file inferred by two ranks (each writes every other image; the sweep's
+    # and the metrics' counts are summed over the ranks): exactly what one process writes.
     data = cam_runs[1].parent / "data.yaml"
     checkpoint = cam_runs[1] / "cam_model.pt"
     launch(["infer-cam", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "two"),

@@ -31,6 +31,9 @@ def _none_if_nan(value: float) -> float | None:
 class SegEvaluator:
     """Accumulates per-class counts; `summary()` turns them into metrics."""
 
+    # Every accumulated count: evaluators of disjoint image sets merge by summing these.
+    COUNTS = ("cm", "contour_counts", "biou_counts", "num_images")
+
     def __init__(
         self,
         class_names: Sequence[str],

@@ -79,11 +79,13 @@ def run(
     dataset = data_config if isinstance(data_config, SegDataset) else dataset_from_file(data_config)
     if list(dataset.class_names) != list(state["class_names"]):
         raise DataError(data_config, "dataset classes differ from the classes the checkpoint was trained on")
-    # Phase 1, sharded across torchrun ranks (all images in one process): the CAMs of this
-    # rank's images, rounded to float16 here, as stored, so the sweep scores exactly the
-    # saved CAMs. With `with_probs`, also the model's own [background, classes] probabilities
-    # (for refinement), from the same forward passes.
+    # Sharded across torchrun ranks (all images in one process). CAMs are rounded to float16
+    # here, as stored, so the sweep scores exactly the saved CAMs. With `with_probs`, also the
+    # model's own [background, classes] probabilities (for refinement), from the same passes.
     mine = distributed.shard(len(dataset))
+    sweep = ThresholdSweep(dataset.num_classes, dataset.background_index) if dataset.background_index is not None else None
+    kept = []  # (id, class ids, mask) of this rank's images; masks are uint8 and small
+    missing_masks = 0
     for done, i in enumerate(mine, 1):
         sample = dataset[i]
         image = images_to_tensor([sample.image], model.input_normalization).to(dev)
@@ -94,49 +96,44 @@ def run(
             probs_output=getattr(model, "score_output", "cams"),
         )
         cams = cams.astype(np.float16).astype(np.float32)
-        save_cams(out / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids, probs)
+        class_ids = sample.present_class_ids
+        save_cams(out / "cams" / f"{sample.id}.npz", cams, class_ids, probs)
+        kept.append((sample.id, class_ids, sample.mask))
+        if sample.mask is None:
+            missing_masks += 1
+        elif sweep is not None:
+            sweep.add(cams, class_ids, sample.mask)
         if on_image is not None:
             on_image(done, len(mine))
-    distributed.barrier()
+
+    # The sweep's confusion counts summed over the ranks: the threshold is chosen on every
+    # image, the same on each rank.
+    has_masks = distributed.summed(missing_masks) == 0
+    if sweep is not None:
+        distributed.sum_counts(sweep, ["cms"])
     result: dict = {"num_images": len(dataset)}
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 writes the labels and metrics of every image
-        return result
-
-    # Phase 2, rank 0: the background threshold swept over every image's saved CAMs.
-    cam_files, masks = [], []
-    has_masks = True
-    sweep = ThresholdSweep(dataset.num_classes, dataset.background_index) if dataset.background_index is not None else None
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        class_ids = sample.present_class_ids
-        cam_files.append((sample.id, class_ids))
-        masks.append(sample.mask)  # kept (uint8, small) for the labels' evaluation below
-        if sample.mask is None:
-            has_masks = False
-        elif sweep is not None:
-            with np.load(out / "cams" / f"{sample.id}.npz") as data:
-                sweep.add(data["cams"].astype(np.float32), class_ids, sample.mask)
-
     if has_masks and sweep is not None:
         threshold, _ = sweep.best()
     elif threshold is None and dataset.background_index is not None:
         threshold = 0.25
     evaluator = SegEvaluator(dataset.class_names, dataset.background_index) if has_masks else None
-    for i, (sample_id, class_ids) in enumerate(cam_files):
+    for sample_id, class_ids, mask in kept:
         with np.load(out / "cams" / f"{sample_id}.npz") as data:
             cams = data["cams"].astype(np.float32)
         label = cam_to_label(cams, class_ids, threshold if threshold is not None else 0.0, dataset.background_index)
         write_label_png(out / "pseudo_labels" / f"{sample_id}.png", label)
         if evaluator is not None:
-            evaluator.add(label, masks[i])
+            evaluator.add(label, mask)
+    if evaluator is not None:
+        distributed.sum_counts(evaluator, SegEvaluator.COUNTS)
     result["threshold"] = threshold
     if evaluator is not None:
         summary = evaluator.summary()
         summary["best_threshold"] = threshold
         if sweep is not None:
             summary["threshold_sweep"] = {f"{t:.2f}": float(j) for t, j in zip(sweep.thresholds, sweep.mious())}
-        write_text_atomic(out / "cam_metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if distributed.is_main():
+            write_text_atomic(out / "cam_metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou", "best_threshold")})
     distributed.barrier()
     return result

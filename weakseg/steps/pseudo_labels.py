@@ -22,7 +22,7 @@ import numpy as np
 
 from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
-from weakseg.data.io import read_arrays, read_label_map, write_label_png, write_text_atomic
+from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.record import dataset_summary, recorded_step
 from weakseg.train import distributed
@@ -58,36 +58,36 @@ def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) 
     "dataset": dataset_summary(a["dataset"])})
 def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
     probs_dir, out = Path(probs_dir), Path(out_dir)
-    # Sharded across torchrun ranks (all images in one process): this rank's label maps.
+    # Sharded across torchrun ranks (all images in one process): this rank's label maps and
+    # their metric counts, summed over the ranks below (exact: integer counts).
     distributed.setup()
+    everything = SegEvaluator(dataset.class_names, dataset.background_index)
+    labelled = SegEvaluator(dataset.class_names, dataset.background_index)
+    missing_masks, covered, valid = 0, 0, 0
     mine = distributed.shard(len(dataset))
     for done, i in enumerate(mine, 1):
         sample_id = dataset.ids[i]
         probs, class_ids = load_probs(probs_dir / "probs" / f"{sample_id}.npz")
-        write_label_png(out / "labels" / f"{sample_id}.png", probs_to_label(probs, class_ids, config.confidence))
+        label = probs_to_label(probs, class_ids, config.confidence)
+        write_label_png(out / "labels" / f"{sample_id}.png", label)
+        # After one image without a mask there are no metrics: stop decoding masks.
+        mask = dataset[i].mask if missing_masks == 0 else None
+        if mask is None:
+            missing_masks += 1
+        else:
+            everything.add(label, mask)
+            # On the labelled pixels only: void the ground truth where the label is void.
+            labelled.add(label, np.where(label == IGNORE, IGNORE, mask).astype(np.uint8))
+            valid_gt = mask != IGNORE
+            covered += int(np.count_nonzero(valid_gt & (label != IGNORE)))
+            valid += int(np.count_nonzero(valid_gt))
         if on_image is not None:
             on_image(done, len(mine))
-    distributed.barrier()
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 scores every image's label map
-        return {"num_images": len(dataset), "confidence": config.confidence}
-
-    # Rank 0: the metrics of every image, from the label maps as written.
-    everything = SegEvaluator(dataset.class_names, dataset.background_index)
-    labelled = SegEvaluator(dataset.class_names, dataset.background_index)
-    has_masks, covered, valid = True, 0, 0
-    for i in range(len(dataset)):
-        mask = dataset[i].mask
-        if mask is None:
-            has_masks = False
-            break
-        label = read_label_map(out / "labels" / f"{dataset.ids[i]}.png")
-        everything.add(label, mask)
-        # On the labelled pixels only: void the ground truth where the label is void.
-        labelled.add(label, np.where(label == IGNORE, IGNORE, mask).astype(np.uint8))
-        valid_gt = mask != IGNORE
-        covered += int(np.count_nonzero(valid_gt & (label != IGNORE)))
-        valid += int(np.count_nonzero(valid_gt))
+    has_masks = distributed.summed(missing_masks) == 0
+    if has_masks:
+        distributed.sum_counts(everything, SegEvaluator.COUNTS)
+        distributed.sum_counts(labelled, SegEvaluator.COUNTS)
+        covered, valid = distributed.summed(covered), distributed.summed(valid)
     result: dict = {"num_images": len(dataset), "confidence": config.confidence}
     if has_masks:
         summary = everything.summary()
@@ -102,6 +102,7 @@ def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config:
                 "per_class_iou": summary["per_class_iou"],
             }
         )
-        write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+        if distributed.is_main():
+            write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     distributed.barrier()
     return result

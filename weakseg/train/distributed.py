@@ -12,7 +12,8 @@ What is split across ranks, and how (docs/architecture.md, "Distributed"):
   by its share of the global batch (`loss_scale`), so the averaged gradient is the gradient of
   the global batch mean even when the last batch does not split evenly.
 - Inference and pseudo-labels: each rank handles the images `shard(n)` (every world-th one),
-  writes their files, and rank 0 computes the dataset-level metrics after a barrier.
+  writes their files and accumulates their metric counts; the integer counts are summed
+  over the ranks (`sum_counts`), so the metrics equal one process's exactly.
 - Files that describe the run (checkpoints, logs, records, metrics) are written by rank 0.
 """
 
@@ -22,6 +23,7 @@ import datetime as _dt
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -97,6 +99,24 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
         out = out.to(backend_device)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.cpu()
+
+
+def summed(value):
+    """An integer count (numpy array or int) summed over the ranks, exactly; the value itself
+    in one process."""
+    if not active():
+        return value
+    if isinstance(value, np.ndarray):
+        return all_sum(torch.from_numpy(np.ascontiguousarray(value))).numpy()
+    return int(all_sum(torch.tensor([int(value)], dtype=torch.int64))[0])
+
+
+def sum_counts(owner: object, names: Sequence[str]) -> None:
+    """Replace each named count of `owner` by its sum over the ranks: accumulators over
+    disjoint image shards then hold the whole dataset's counts (e.g. SegEvaluator.COUNTS,
+    ThresholdSweep's `cms`)."""
+    for name in names:
+        setattr(owner, name, summed(getattr(owner, name)))
 
 
 def average_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
