@@ -301,3 +301,25 @@ def test_sha256_matches_hashlib(tmp_path):
     data = os.urandom(3 << 20)
     path.write_bytes(data)
     assert sha256_file(path, chunk=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_failed_checkpoint_write_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    # A full disk made torch's zip writer fail with "unexpected pos ..." mid-write (seen on a
+    # real run): the error must name the checkpoint and the free space, and the previous
+    # checkpoint must survive with no temp file beside it.
+    from weakseg.errors import WeaksegError
+    from weakseg.train import trainer
+
+    path = tmp_path / "checkpoint.pt"
+    trainer.save_checkpoint(path, {"step": torch.tensor(1)})
+    before = path.read_bytes()
+
+    def failing_save(state, handle):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 115502464 vs 115502356")
+
+    monkeypatch.setattr(trainer.torch, "save", failing_save)
+    with pytest.raises(WeaksegError, match=r"checkpoint\.pt: could not write the checkpoint \(\d+ MiB free"):
+        trainer.save_checkpoint(path, {"step": torch.tensor(2)})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -23,7 +24,7 @@ import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path
-from weakseg.errors import DataError, NonFiniteLoss
+from weakseg.errors import DataError, NonFiniteLoss, WeaksegError
 from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.terms import LossConfig, LossTerm, build_terms
@@ -115,8 +116,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to `path` atomically. Through a file handle: given a path, torch.save names
     the zip's inner folder after it (here a random temp name), so equal weights would differ
     byte for byte and run manifests of identical runs would not match."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(state, handle)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(state, handle)
+    except (OSError, RuntimeError) as err:
+        # A full disk surfaces from torch's zip writer as "unexpected pos ..."; say what it is.
+        free_mb = shutil.disk_usage(path.parent).free / 2**20
+        raise WeaksegError(f"{path}: could not write the checkpoint ({free_mb:.0f} MiB free on its disk): {err}") from err
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
