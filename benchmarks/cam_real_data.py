@@ -19,7 +19,8 @@ Each recipe is a config in configs/ (plus the overrides listed in RECIPES below)
 with `weakseg train-cam` and evaluated with `weakseg infer-cam` at the config's inference
 scales (in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
 SCHEDULE adds overrides shared by every row of a dataset (NYUv2: 2 epochs, so that its 9 runs
-fit a CPU session). Each run writes bench_metrics.json in its folder; `--reuse` takes those of
+fit a CPU session). Each run writes bench_metrics.json in its folder (its CAM arrays are deleted once
+scored unless `--keep-cams`); `--reuse` takes those of
 finished runs instead of training again (after a crash; never across code changes).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shutil
 import time
 from pathlib import Path
 
@@ -101,7 +103,7 @@ def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, P
 
 
 def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, reuse: bool = False,
-            train_data: Path | None = None, eval_data: Path | None = None) -> dict:
+            train_data: Path | None = None, eval_data: Path | None = None, keep_cams: bool = False) -> dict:
     config_file, overrides = recipe
     overrides = SCHEDULE[dataset] + overrides + ([dataset_override(train_data)] if train_data else [])
     record = out / f"seed{seed}" / "bench_metrics.json"
@@ -117,6 +119,9 @@ def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, r
     metrics["final_loss"] = trained["epoch_losses"][-1]
     metrics = {k: metrics.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
     record.write_text(json.dumps(metrics, indent=2))
+    if not keep_cams:
+        # The tables need only the metrics; a NYUv2 run's CAM arrays take about 2.7 GB.
+        shutil.rmtree(run_dir / "infer" / "cams")
     return metrics
 
 
@@ -134,6 +139,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="Run only these recipe names.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reuse", action="store_true", help="reuse bench_metrics.json of finished runs")
+    parser.add_argument("--keep-cams", action="store_true",
+                        help="keep each run's infer/cams/ arrays (default: delete them once scored)")
     parser.add_argument("--train-data", type=Path, default=None,
                         help="dataset config to train every row on instead of the recipe's (e.g. a split)")
     parser.add_argument("--eval-data", type=Path, default=None,
@@ -160,7 +167,7 @@ def main() -> None:
         results[name] = []
         for seed in args.seeds:
             metrics = run_one(args.dataset, recipe, seed, args.out / tag / slug, args.reuse,
-                              args.train_data, args.eval_data)
+                              args.train_data, args.eval_data, args.keep_cams)
             results[name].append(metrics)
             print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
                   f"({metrics['seconds']:.0f} s)", flush=True)
