@@ -33,20 +33,22 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=ROOT / "configs" / "data" / "nyu_shared.yaml")
     args = parser.parse_args()
     dataset = dataset_from_file(args.dataset)
+    # One pass over the samples (each decodes image, mask and depth); the uint8 masks are
+    # kept, since the prior needs every image's labels before any image can be labelled.
     images_per_class = np.zeros(len(dataset.class_names), dtype=np.int64)
-    present = []
+    present, masks = [], []
     for i in range(len(dataset)):
-        ids = dataset[i].present_class_ids
-        images_per_class[ids] += 1
-        present.append(ids)
+        sample = dataset[i]
+        images_per_class[sample.present_class_ids] += 1
+        present.append(sample.present_class_ids)
+        masks.append(sample.mask)
     evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
     skipped = 0
-    for i in range(len(dataset)):
-        mask = dataset[i].mask
-        if not present[i]:
+    for ids, mask in zip(present, masks):
+        if not ids:
             skipped += 1  # no image-level label: nothing to predict from
             continue
-        label = most_listed_present_class(present[i], images_per_class)
+        label = most_listed_present_class(ids, images_per_class)
         evaluator.add(np.full(mask.shape, label, dtype=np.uint8), mask)
     s = evaluator.summary()
     top = np.argsort(-images_per_class)[:3]

@@ -121,7 +121,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
             torch.save(state, handle)
     except (OSError, RuntimeError) as err:
         # A full disk surfaces from torch's zip writer as "unexpected pos ..."; say what it is.
-        free_mb = shutil.disk_usage(path.parent).free / 2**20
+        # Free space of the nearest folder that exists (the write may have failed creating it).
+        free_mb = shutil.disk_usage(next(p for p in path.parents if p.exists())).free / 2**20
         raise WeaksegError(f"{path}: could not write the checkpoint ({free_mb:.0f} MiB free on its disk): {err}") from err
 
 
