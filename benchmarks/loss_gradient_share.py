@@ -44,7 +44,7 @@ def main() -> None:
     values: dict[str, list[float]] = {t.name: [] for t in terms}
     norms: dict[str, list[float]] = {t.name: [] for t in terms}
     for b in range(args.batches):
-        items = [data[(b * args.batch_size + i) % len(data)] for i in range(args.batch_size)]
+        items = [data[(0, (b * args.batch_size + i) % len(data))] for i in range(args.batch_size)]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         batch["image"] = normalize(batch["rgb"], model.input_normalization)
         outputs = model(batch["image"])

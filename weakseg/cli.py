@@ -67,6 +67,7 @@ def evaluate(
     classes: Optional[Path] = typer.Option(None, "--classes", help="Text file, one class name per line (line i = id i). Default: ids 0..max seen."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     background: bool = typer.Option(True, "--background/--no-background", help="Class 0 is background (left out of the mean contour F)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes that read and score the images (default: one per core); the numbers do not depend on it."),
 ) -> None:
     """Evaluate predicted label maps: J (mIoU), contour F, J&F, boundary IoU, precision, recall."""
     from weakseg.steps import evaluate as evaluate_step
@@ -74,7 +75,8 @@ def evaluate(
     with progress_bar() as bars:
         task = bars.add_task("evaluate", total=None)
         summary = evaluate_step.run(
-            pred, gt, classes, json_out, background, on_image=lambda i, n: bars.update(task, completed=i, total=n)
+            pred, gt, classes, json_out, background, on_image=lambda i, n: bars.update(task, completed=i, total=n),
+            workers=workers,
         )
     out_console.print(_metrics_table(summary, f"{summary['num_images']} images"))
     out_console.print("classes absent from both ground truth and prediction: n/a, left out of the means")

@@ -21,6 +21,10 @@ class DataError(WeaksegError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Picklable with its two arguments: problems found in worker processes travel back.
+        return (type(self), (self.path, self.problem))
+
 
 class DatasetProblems(WeaksegError):
     """Several `DataError`s found together; the message has one line per problem."""

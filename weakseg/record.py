@@ -45,6 +45,23 @@ VERSIONED = ("weakseg", "torch", "torchvision", "timm", "numpy", "scipy", "openc
 _NOT_OUTPUTS = {RECORD_NAME, LOCK_NAME}
 
 
+# File descriptors of the run-folder locks this process holds. A forked child (a DataLoader
+# worker) inherits them, and an flock lives while any descriptor of it is open: a worker
+# that outlived a SIGKILLed parent by a few seconds would keep the folder locked.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def release_inherited_locks() -> None:
+    """In a forked child: close its copies of the parent's lock descriptors (the parent's
+    own locks are untouched; they die with the parent)."""
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
 class RunLocked(WeaksegError):
     """Another process holds a run folder's lock."""
 
@@ -165,9 +182,11 @@ def folder_lock(out_dir: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {now()}\n")
         handle.flush()
+        _HELD_LOCK_FDS.add(handle.fileno())
         try:
             yield
         finally:
+            _HELD_LOCK_FDS.discard(handle.fileno())
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

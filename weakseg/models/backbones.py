@@ -146,6 +146,15 @@ class TinyCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(convolution, BatchNorm) of each layer, for folding at inference (models.fold)."""
+        return [(layer[0], layer[1]) for layer in self.features if isinstance(layer[1], nn.BatchNorm2d)]
+
+    def stages(self) -> list[list[nn.Module]]:
+        """Stem, then the three stride levels (for `model.freeze_stages`)."""
+        f = self.features
+        return [[f[0]], [f[1], f[2]], [f[3], f[4]], [f[5], f[6]]]
+
 
 # --------------------------------------------------------------------------------------
 # EfficientNet-Lite
@@ -202,9 +211,11 @@ class _SameConv2d(nn.Conv2d):
         ):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads += [total // 2, total - total // 2]  # (left, right) then (top, bottom)
-        if any(pads):
-            x = F.pad(x, pads)
-        return super().forward(x)
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            # Symmetric (every stride-1 layer): the convolution's own zero padding is the same
+            # maths without copying the input into a padded tensor.
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
+        return super().forward(F.pad(x, pads))
 
 
 def init_conv_bn(module: nn.Module) -> None:
@@ -248,9 +259,11 @@ class _MBConvLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
+        # In place outside training: the same values without another activation tensor.
+        inplace = not torch.is_grad_enabled()
         if self.has_expansion:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = F.relu6(self._bn0(self._expand_conv(out)), inplace=inplace)
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=inplace)
         out = self._bn2(self._project_conv(out))
         if not self.residual:
             return out
@@ -309,6 +322,7 @@ class EfficientNetLite(nn.Module):
         self._bn0 = _bn(_LITE_STEM)
 
         specs = []  # (cin, cout, kernel, stride, expand)
+        self_block_stages: list[int] = []  # the B0 stage of each block
         cin = _LITE_STEM
         for i, (repeats, kernel, stride, expand, cout) in enumerate(_B0_STAGES):
             cout = _round_channels(cout, width)
@@ -316,6 +330,7 @@ class EfficientNetLite(nn.Module):
                 repeats = int(math.ceil(depth * repeats))
             for r in range(repeats):
                 specs.append((cin, cout, kernel, stride if r == 0 else 1, expand))
+                self_block_stages.append(i)
                 cin = cout
 
         blocks = []
@@ -331,6 +346,7 @@ class EfficientNetLite(nn.Module):
             drop = drop_connect_rate * index / len(specs)
             blocks.append(_MBConvLite(bin_, bout, kernel, stride, expand, block_dilation, residual, drop))
         self._blocks = nn.ModuleList(blocks)
+        self.block_stages = self_block_stages
 
         self._conv_head = nn.Conv2d(cin, _LITE_HEAD, 1, bias=False)
         self._bn1 = _bn(_LITE_HEAD)
@@ -360,6 +376,22 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(x) if self.features == "head" else self.forward_blocks(x)
+
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(convolution, the BatchNorm right after it), for folding at inference (models.fold)."""
+        pairs = [(self._conv_stem, self._bn0), (self._conv_head, self._bn1)]
+        for block in self._blocks:
+            if block.has_expansion:
+                pairs.append((block._expand_conv, block._bn0))
+            pairs += [(block._depthwise_conv, block._bn1), (block._project_conv, block._bn2)]
+        return pairs
+
+    def stages(self) -> list[list[nn.Module]]:
+        """Stem, then the seven MBConv stages of B0 (for `model.freeze_stages`)."""
+        groups: list[list[nn.Module]] = [[self._conv_stem, self._bn0]]
+        for stage in sorted(set(self.block_stages)):
+            groups.append([b for b, s in zip(self._blocks, self.block_stages) if s == stage])
+        return groups
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, num_classes) of the full network (input normalised by `input_norm`)."""
@@ -496,6 +528,35 @@ class TimmBackbone(nn.Module):
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def stages(self) -> list[list[nn.Module]]:
+        """For `model.freeze_stages`. A ViT: the patch embedding (with the position embedding
+        and prefix tokens, frozen with it), then one stage per transformer block. A CNN: its
+        top-level modules, cut after each module timm reports a feature level from
+        (ResNet: conv1/bn1/act1, then maxpool + layer1, layer2, ...)."""
+        if self.is_vit:
+            return [[self.model.patch_embed, _PrefixParameters(self.model)]] + [[b] for b in self.model.blocks]
+        ends = [str(f["module"]).split(".")[0] for f in getattr(self.model, "feature_info", [])]
+        groups: list[list[nn.Module]] = [[]]
+        for name, child in self.model.named_children():
+            groups[-1].append(child)
+            if ends and name == ends[0]:
+                ends.pop(0)
+                groups.append([])
+        return [g for g in groups if g]
+
+
+class _PrefixParameters(nn.Module):
+    """A view of a timm ViT's position embedding and class/distillation tokens, so that they
+    freeze with the patch embedding (they are parameters of the ViT module itself)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self._params = [p for n in ("pos_embed", "cls_token", "dist_token", "reg_token")
+                        if isinstance(p := getattr(vit, n, None), nn.Parameter)]
+
+    def parameters(self, recurse: bool = True):  # noqa: D102 - the wrapped parameters
+        return iter(self._params)
 
 
 # --------------------------------------------------------------------------------------

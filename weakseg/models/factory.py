@@ -9,6 +9,7 @@ import importlib
 import inspect
 
 from weakseg.errors import ConfigError
+from weakseg.models.freeze import freeze_stages
 
 # model.method -> (module, class) of the CAM method; each file is readable alone.
 METHODS = {
@@ -27,6 +28,9 @@ class ModelConfig:
     # Options of the method's own class (see its docstring), e.g. seam: {scale: 0.3, pcm_dim:
     # 192, dropout: 0.5}; vit_cam: {class_tokens: false, reduction: 8, pool: max, detach: true}.
     method_args: dict[str, Any] = field(default_factory=dict)
+    # The first N backbone stages (stem = 1) keep their weights and BN statistics and are
+    # detached from autograd (IRN's frozen conv1 + layer1: 2); weakseg.models.freeze.
+    freeze_stages: int = 0
 
 
 def method_class(method: str):
@@ -37,6 +41,12 @@ def method_class(method: str):
 
 
 def build_model(model: ModelConfig, num_classes: int):
+    network = _build_method(model, num_classes)
+    freeze_stages(network.backbone, model.freeze_stages)
+    return network
+
+
+def _build_method(model: ModelConfig, num_classes: int):
     cls = method_class(model.method)
     if model.method == "cam":
         if model.method_args:
@@ -65,9 +75,12 @@ class SegModelConfig:
     backbone: str = "tiny_cnn"
     backbone_args: dict[str, Any] = field(default_factory=dict)  # pretrained, output_stride, ...
     aspp_channels: int = 256
+    freeze_stages: int = 0  # as ModelConfig.freeze_stages
 
 
 def build_seg_model(config: SegModelConfig, num_classes: int):
     from weakseg.models.methods.deeplab import DeepLabNet
 
-    return DeepLabNet(num_classes, config.backbone, aspp_channels=config.aspp_channels, **config.backbone_args)
+    network = DeepLabNet(num_classes, config.backbone, aspp_channels=config.aspp_channels, **config.backbone_args)
+    freeze_stages(network.backbone, config.freeze_stages)
+    return network

@@ -71,7 +71,7 @@ def _forward_padded(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, to
     }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def infer_cams_and_probs(
     model: torch.nn.Module,
     image: torch.Tensor,
@@ -173,7 +173,7 @@ def infer_class_probs(
     return infer_cams_and_probs(model, image, class_indices, scales, flip, background_channel, output)[1]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_probs(
     model: torch.nn.Module,
     image: torch.Tensor,

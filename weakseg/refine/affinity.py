@@ -302,7 +302,7 @@ class AffinityNet(nn.Module):
         return cls.from_state(torch.load(path, map_location="cpu", weights_only=True))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def image_features(model: nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """(H, W, 3) uint8 -> (D, h, w) features of `model` (needs `output_stride`, `input_norm`).
     The image is edge-padded at the bottom/right to a multiple of the stride, so the grid

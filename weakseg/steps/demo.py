@@ -10,6 +10,7 @@ Outputs in the run directory:
                           so `weakseg eval --pred DIR/pseudo_labels --gt DIR/gt
                           --classes DIR/classes.txt` recomputes the same numbers
     overlays/<id>.png     image | CAM | pseudo-label | ground truth
+    train_cam/            the trainer's checkpoint.pt and log.csv (every loss term per step)
 """
 
 from __future__ import annotations
@@ -32,13 +33,35 @@ from weakseg.models.inference import infer_cams
 from weakseg.models.methods.cam import CAMNet
 from weakseg.progress import console, progress_bar
 from weakseg.report.overlays import overlay_panel
-from weakseg.train.cam import CAMTrainConfig, train_cam_in_memory
+from weakseg.data.base import SegDataset
+from weakseg.data.transforms import AugmentConfig
+from weakseg.losses.terms import LossConfig
+from weakseg.train.trainer import TrainConfig, train
+
+
+def demo_train_config(epochs: int, seed: int) -> TrainConfig:
+    """GAP + multi-label soft margin, AdamW with poly LR, random flips only: on the one
+    trainer, in the main process (the data is already in memory)."""
+    return TrainConfig(epochs=epochs, batch_size=16, optimizer="adamw", lr=3e-3, weight_decay=1e-4, seed=seed,
+                       augment=AugmentConfig(), workers=0)
+
+
+class _InMemory(SegDataset):
+    """The generated samples, kept: the trainer reads each one every epoch."""
+
+    def __init__(self, source: SegDataset, samples: list):
+        super().__init__(class_names=source.class_names, background_index=source.background_index,
+                         ids=list(source.ids), name=source.name)
+        self.samples = samples
+
+    def load(self, index: int):
+        return self.samples[index]
 
 
 @dataclass
 class DemoConfig:
     data: synthetic.Config = field(default_factory=synthetic.Config)
-    train: CAMTrainConfig = field(default_factory=CAMTrainConfig)
+    train: TrainConfig = field(default_factory=lambda: demo_train_config(25, 0))
     width: int = 24
     output_stride: int = 4
     num_overlays: int = 8
@@ -49,12 +72,12 @@ def demo_config(quick: bool, seed: int = 0) -> DemoConfig:
     if quick:
         return DemoConfig(
             data=synthetic.Config(num_images=300, image_size=64, seed=seed),
-            train=CAMTrainConfig(epochs=25, seed=seed),
+            train=demo_train_config(25, seed),
             width=16,
         )
     return DemoConfig(
         data=synthetic.Config(num_images=400, image_size=80, seed=seed),
-        train=CAMTrainConfig(epochs=35, seed=seed),
+        train=demo_train_config(35, seed),
         width=24,
     )
 
@@ -73,18 +96,14 @@ def run(out_dir: str | Path, quick: bool = False, seed: int = 0, show_progress: 
             samples.append(dataset[i])
             bars.advance(task)
         images = images_to_tensor([s.image for s in samples])
-        labels = torch.from_numpy(np.stack([s.labels for s in samples]))
 
         torch.manual_seed(seed)
         model = CAMNet(len(dataset.foreground_ids), width=config.width, output_stride=config.output_stride)
         task = bars.add_task("train CAM network", total=1)
-        history = train_cam_in_memory(
-            model,
-            images,
-            labels,
-            config.train,
+        history = train(
+            model, _InMemory(dataset, samples), LossConfig(), config.train, out / "train_cam",
             on_step=lambda step, total: bars.update(task, completed=step, total=total),
-        )
+        )["epoch_losses"]
 
         task = bars.add_task("CAMs + threshold sweep", total=len(samples))
         sweep = ThresholdSweep(dataset.num_classes, dataset.background_index)

@@ -2,12 +2,16 @@
 
 Files are PNG label maps (palette or grayscale; 255 = void/no prediction), matched by file
 stem. Every ground-truth stem needs a prediction; problems are collected and reported
-together, one line per file, before anything is computed.
+together, one line per file, and nothing is written when there are any. The images are
+scored in parallel processes (integer counts, summed: the same numbers as one process).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +49,73 @@ def pair_files(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
     return [(preds[g.stem], g) for g in gts]
 
 
+def _read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    pred = read_label_map(pred_path)
+    gt = read_label_map(gt_path)
+    if pred.shape != gt.shape:
+        raise DataError(pred_path, f"size {pred.shape[1]}x{pred.shape[0]} differs from ground truth {gt_path} ({gt.shape[1]}x{gt.shape[0]})")
+    return pred, gt
+
+
+def _largest_ids(pairs: list[tuple[Path, Path]]) -> tuple[int, list[DataError]]:
+    """The largest class id in a chunk of pairs (255 left out), and the unreadable pairs."""
+    top, problems = 0, []
+    for pred_path, gt_path in pairs:
+        try:
+            for array in _read_pair(pred_path, gt_path):
+                top = max(top, int(np.max(np.where(array == 255, 0, array))))
+        except DataError as exc:
+            problems.append(exc)
+    return top, problems
+
+
+def _count_chunk(pairs: list[tuple[Path, Path]], class_names: list[str], background_index: int | None):
+    """A chunk's evaluator counts (SegEvaluator.COUNTS) and its problems: unreadable files,
+    size mismatches, ids outside 0..K-1."""
+    evaluator = SegEvaluator(class_names, background_index=background_index)
+    k = len(class_names)
+    problems = []
+    for pred_path, gt_path in pairs:
+        try:
+            pred, gt = _read_pair(pred_path, gt_path)
+        except DataError as exc:
+            problems.append(exc)
+            continue
+        bad_here = False
+        for path, arr in ((pred_path, pred), (gt_path, gt)):
+            bad = np.unique(arr[(arr >= k) & (arr != 255)])
+            if bad.size:
+                problems.append(DataError(path, f"label ids outside 0..{k - 1} (and not 255): {', '.join(map(str, bad[:8]))}"))
+                bad_here = True
+        if not bad_here and not problems:
+            evaluator.add(pred, gt)
+    return {name: getattr(evaluator, name) for name in SegEvaluator.COUNTS}, problems, len(pairs)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _map_chunks(function, chunks: list, workers: int, on_done: Callable[[int], None] | None = None) -> list:
+    """function(*chunk) for every chunk, in `workers` processes (in this one for 1), in order.
+    The results are integer counts, so the split changes nothing in the sums."""
+    if workers <= 1 or len(chunks) <= 1:
+        results = []
+        for chunk in chunks:
+            results.append(function(*chunk))
+            if on_done is not None:
+                on_done(len(chunk[0]))
+        return results
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(function, *chunk) for chunk in chunks]
+        for future in concurrent.futures.as_completed(futures):
+            if on_done is not None:
+                on_done(len(chunks[futures.index(future)][0]))
+        return [future.result() for future in futures]
+
+
 def run(
     pred_dir: str | Path,
     gt_dir: str | Path,
@@ -52,37 +123,43 @@ def run(
     json_path: str | Path | None = None,
     background: bool = True,
     on_image: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> dict:
+    """Metrics of every (prediction, ground truth) pair. Files are read and scored in
+    `workers` processes (default: one per core), each summing the integer counts of its
+    share of the images; the sums, and so every metric, are those of one process."""
     pairs = pair_files(Path(pred_dir), Path(gt_dir))
-    loaded, problems = [], []
-    for pred_path, gt_path in pairs:
-        try:
-            pred = read_label_map(pred_path)
-            gt = read_label_map(gt_path)
-            if pred.shape != gt.shape:
-                raise DataError(pred_path, f"size {pred.shape[1]}x{pred.shape[0]} differs from ground truth {gt_path} ({gt.shape[1]}x{gt.shape[0]})")
-            loaded.append((pred_path, gt_path, pred, gt))
-        except DataError as exc:
-            problems.append(exc)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    # Chunks small enough to balance the load and report progress, large enough to be cheap.
+    size = max(1, min(32, -(-len(pairs) // (4 * workers))))
+    chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+    done = [0]
+
+    def progress(count: int) -> None:
+        done[0] += count
+        if on_image is not None:
+            on_image(done[0], len(pairs))
+
     if classes_file is not None:
         class_names = read_class_names(classes_file)
     else:
-        top = max(int(np.max(np.where(a == 255, 0, a))) for _, _, p, g in loaded for a in (p, g)) if loaded else 0
+        found = _map_chunks(_largest_ids, [(chunk,) for chunk in chunks], workers)
+        problems = [p for _, chunk_problems in found for p in chunk_problems]
+        if problems:
+            raise DatasetProblems(problems, "evaluation inputs")
+        top = max(t for t, _ in found)
         class_names = [f"class_{k}" for k in range(top + 1)]
-    k = len(class_names)
-    for pred_path, gt_path, pred, gt in loaded:
-        for path, arr in ((pred_path, pred), (gt_path, gt)):
-            bad = np.unique(arr[(arr >= k) & (arr != 255)])
-            if bad.size:
-                problems.append(DataError(path, f"label ids outside 0..{k - 1} (and not 255): {', '.join(map(str, bad[:8]))}"))
+
+    background_index = 0 if background else None
+    results = _map_chunks(_count_chunk, [(chunk, class_names, background_index) for chunk in chunks], workers,
+                          progress)
+    problems = [p for _, chunk_problems, _ in results for p in chunk_problems]
     if problems:
         raise DatasetProblems(problems, "evaluation inputs")
-
-    evaluator = SegEvaluator(class_names, background_index=0 if background else None)
-    for i, (_, _, pred, gt) in enumerate(loaded):
-        evaluator.add(pred, gt)
-        if on_image is not None:
-            on_image(i + 1, len(loaded))
+    evaluator = SegEvaluator(class_names, background_index=background_index)
+    for counts, _, _ in results:
+        for name in SegEvaluator.COUNTS:
+            setattr(evaluator, name, getattr(evaluator, name) + counts[name])
     summary = evaluator.summary()
     if json_path is not None:
         write_text_atomic(json_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -29,6 +29,7 @@ from weakseg.errors import DataError
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import ModelConfig, build_model
+from weakseg.models.fold import inference_copy
 from weakseg.models.inference import infer_cams_and_probs
 from weakseg.record import dataset_summary, recorded_step
 from weakseg.train import distributed
@@ -56,6 +57,7 @@ def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int], probs: np.
 @recorded_step("infer-cam", lambda a: {
     "checkpoint": str(Path(a["checkpoint"]).resolve()), "scales": list(a["scales"]), "flip": a["flip"],
     "threshold": a["threshold"], "activation": a["activation"], "with_probs": a["with_probs"], "output": a["output"],
+    "fold_batchnorm": a["fold_batchnorm"], "channels_last": a["channels_last"],
     "data": dataset_summary(a["data_config"]) if isinstance(a["data_config"], SegDataset)
     else str(Path(a["data_config"]).resolve())})
 def run(
@@ -70,11 +72,15 @@ def run(
     activation: str = "relu",
     with_probs: bool = False,
     output: str | None = None,
+    fold_batchnorm: bool = True,
+    channels_last: bool = True,
 ) -> dict:
     out = Path(out_dir)
     distributed.setup()  # a no-op unless started by torchrun
     dev = pick_device(device)
     model, state = load_cam_model(checkpoint, dev)
+    # The same maths, faster (weakseg.models.fold); CAMs then agree to float rounding.
+    model = inference_copy(model, fold_batchnorm, channels_last)
     # A dataset config file (the CLI) or an already built dataset (`weakseg run`).
     dataset = data_config if isinstance(data_config, SegDataset) else dataset_from_file(data_config)
     if list(dataset.class_names) != list(state["class_names"]):

@@ -211,6 +211,7 @@ def _run_steps(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Pat
         return infer_cam.run(
             folders["cam_train"] / "cam_model.pt", dataset, folders["cam"], infer.scales, infer.flip,
             infer.threshold, on_image=progress("cam"), with_probs=config.refine.background == "model",
+            fold_batchnorm=infer.fold_batchnorm, channels_last=infer.channels_last,
         )
 
     def refined():

@@ -9,9 +9,8 @@ labels; the loss is psa's (`affinity_loss`).
 
 Defaults follow SEAM's ``train_aff.py``: 8 epochs, batch 8, SGD lr 0.01 (new layers x10),
 momentum 0.9, weight decay 5e-4, poly power 0.9, 448 crops, colour jitter 0.3, flips,
-radius 5. Seeded like `weakseg.train.trainer` (sample order per (seed, epoch), augmentation per
-(seed, epoch, index)); a checkpoint is written atomically after every epoch and a run directory
-holding one resumes from it.
+radius 5. The loop is the one trainer's (`weakseg.train.trainer.fit`: seeding, DataLoader,
+checkpoints, resume, NonFiniteLoss, log.csv), with `weakseg.losses.affinity.AffinityTerm`.
 """
 
 from __future__ import annotations
@@ -25,28 +24,11 @@ import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, read_label_map, write_label_png
-from weakseg.data.transforms import AugmentConfig, build_augment, resize_nearest
-from weakseg.errors import ConfigError, DataError, NonFiniteLoss
-from weakseg.refine.affinity import (
-    AffinityNet,
-    ProbsRefiner,
-    affinity_labels,
-    affinity_loss,
-    pair_affinities,
-    pair_labels,
-)
-from weakseg.train.trainer import (
-    TrainConfig,
-    build_optimizer,
-    epoch_batches,
-    global_rng_state,
-    pick_device,
-    restore_global_rng,
-    resume_from,
-    save_checkpoint,
-    schedule_length,
-    set_poly_lr,
-)
+from weakseg.data.transforms import AugmentConfig
+from weakseg.errors import DataError
+from weakseg.losses.affinity import AffinityTerm
+from weakseg.refine.affinity import AffinityNet, ProbsRefiner, affinity_labels
+from weakseg.train.trainer import AugmentedDataset, TrainConfig, fit
 
 
 @dataclass
@@ -111,69 +93,13 @@ def train_affinity(
     crf: ProbsRefiner | None = None,
     on_step=None,
 ) -> AffinityNet:
-    """Train `model` on `dataset` with affinity labels from the CAMs in `cam_dir`; writes
-    ``out_dir/checkpoint.pt`` ({"model", "model_config", "optimizer", "epoch", "epoch_losses"})
-    after every epoch and returns the trained model in eval mode."""
+    """Train `model` on `dataset` with affinity labels from the CAMs in `cam_dir`, by the one
+    trainer (`weakseg.train.trainer.fit`) with the AffinityNet's loss term; writes
+    ``out_dir/checkpoint.pt`` (with "model_config", so `AffinityNet.from_state` rebuilds it)
+    and ``out_dir/log.csv`` after every epoch; returns the trained model in eval mode."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.device)
-    torch.manual_seed(config.seed)
-    model.to(device)
-    optimizer = build_optimizer(model, [], config)
-    pipeline = build_augment(config.augment, "train.augment")
     labels = AffinityLabels(dataset, cam_dir, out_dir, config.alpha_low, config.alpha_high, crf)
-
-    steps_per_epoch, total_steps = schedule_length(len(dataset), config)
-
-    checkpoint_path = out_dir / "checkpoint.pt"
-    start_epoch, epoch_losses = 0, []
-    state = resume_from(checkpoint_path, model, optimizer)
-    if state is not None:
-        start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
-        restore_global_rng(state)
-
-    def item(index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        sample = dataset[index]
-        rng = np.random.default_rng([config.seed, epoch, index])
-        image, label, _ = pipeline(sample.image, labels(index, sample), None, rng=rng)
-        return image, label
-
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        running, seen = 0.0, 0
-        for step_in_epoch, idx in enumerate(epoch_batches(len(dataset), config, epoch, steps_per_epoch)):
-            images, label_maps = zip(*(item(i, epoch) for i in idx))
-            if len({im.shape for im in images}) > 1:
-                raise ConfigError("train.augment.crop_size: images differ in size; set a crop size to batch them")
-            batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)
-            step = epoch * steps_per_epoch + step_in_epoch
-            set_poly_lr(optimizer, config, step, total_steps)
-            features = model(model.input_norm(batch))
-            grid = features.shape[-2:]
-            codes = np.stack([pair_labels(resize_nearest(lab, *grid), config.radius) for lab in label_maps])
-            loss = affinity_loss(pair_affinities(features, config.radius), torch.from_numpy(codes))
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"non-finite loss (term affinity: {loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
-                    f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none (first epoch)'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.item() * len(idx)
-            seen += len(idx)
-            if on_step is not None:
-                on_step(step + 1, total_steps)
-        epoch_losses.append(running / max(1, seen))
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "model": model.state_dict(),
-                "model_config": model.config,
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "epoch_losses": epoch_losses,
-                **global_rng_state(),
-            },
-        )
+    data = AugmentedDataset(dataset, config.augment, config.seed, need_depth=False, target=labels)
+    fit(model, data, [AffinityTerm(config.radius)], config, out_dir, on_step=on_step,
+        checkpoint_extra={"model_config": model.config})
     return model.eval()

@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -24,12 +27,12 @@ import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path
-from weakseg.errors import DataError, NonFiniteLoss, WeaksegError
+from weakseg.errors import ConfigError, DataError, NonFiniteLoss, WeaksegError
 from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.terms import LossConfig, LossTerm, build_terms
+from weakseg.record import release_inherited_locks
 from weakseg.train import distributed
-from weakseg.train.cam import poly_lr
 
 
 @dataclass
@@ -46,6 +49,16 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_size=224, scale_range=[0.9, 1.1]))
     max_steps_per_epoch: int | None = None  # cap for smoke tests and CPU-sized runs
+    # DataLoader processes that decode and augment ahead of the model; null: default_workers().
+    # Any count gives bit-identical weights (augmentation is seeded per (seed, epoch, index)).
+    workers: int | None = None
+    # Autocast dtype of forward and loss: fp32 (off), bf16 (CPU with AVX512-BF16/AMX, or
+    # CUDA), fp16 (CUDA, with a gradient scaler). Weights and optimiser stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # NHWC tensors for the convolutions: faster on CPU and tensor cores; the same maths,
+    # summed in another order (results agree to float rounding, not bit for bit).
+    channels_last: bool = False
+    grad_clip: float | None = None  # max global gradient norm; null: no clipping
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,8 +67,13 @@ def pick_device(name: str) -> torch.device:
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
-    """Samples as training tensors. The augmentation of (epoch, index) is a pure function of
-    the seed, so a resumed run sees exactly the same crops and flips."""
+    """Samples as training tensors, indexed by (epoch, index): the augmentation of a sample is
+    a pure function of (seed, epoch, index), so any number of DataLoader workers, and a
+    resumed run, see exactly the same crops and flips.
+
+    `target(index, sample)` gives a per-sample training target (pseudo-labels, affinity
+    labels: (H, W) uint8, 255 ignored), augmented with the image (nearest, padding 255) and
+    batched as "mask". Ground-truth masks never reach training (weak supervision)."""
 
     def __init__(
         self,
@@ -63,26 +81,24 @@ class AugmentedDataset(torch.utils.data.Dataset):
         augment: AugmentConfig,
         seed: int,
         need_depth: bool,
-        masks: Callable[[str], np.ndarray] | None = None,
+        target: Callable[[int, object], np.ndarray] | None = None,
     ):
         self.dataset = dataset
         self.pipeline = build_augment(augment, "train.augment")
         self.seed = seed
         self.need_depth = need_depth
-        self.masks = masks  # sample id -> (H, W) uint8 training target (pseudo-labels), 255 ignored
-        self.epoch = 0
+        self.target = target
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
         sample = self.dataset[index]
         if self.need_depth and sample.depth is None:
             raise DataError(sample.id, "a loss term needs depth but this sample has none")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        # Ground-truth masks never reach training (weak supervision); `masks` supplies targets
-        # such as pseudo-labels, augmented with the image (nearest, padding 255).
-        target = self.masks(sample.id) if self.masks is not None else None
+        rng = np.random.default_rng([self.seed, epoch, index])
+        target = self.target(index, sample) if self.target is not None else None
         image, target, depth = self.pipeline(sample.image, target, sample.depth, rng=rng)
         item = {
             # np.require copies read-only views (e.g. a cached sample) so torch may own the buffer.
@@ -94,6 +110,66 @@ class AugmentedDataset(torch.utils.data.Dataset):
         if target is not None:
             item["mask"] = torch.from_numpy(np.require(target, requirements=["C", "W"])).long()
         return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack the items of a batch key by key; images of different sizes are one clear error."""
+    shapes = {tuple(it["rgb"].shape) for it in items}
+    if len(shapes) > 1:
+        raise ConfigError(f"train.augment.crop_size: the images of a batch differ in size ({sorted(shapes)}); "
+                          "set a crop size to batch them")
+    return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+
+
+def default_workers() -> int:
+    """DataLoader workers when `train.workers` is unset: one core stays with the model, the
+    others decode and augment (at most 4; 0 on a single core)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes on one thread: the cores belong to the model's forward/backward.
+    torch.set_num_threads(1)
+    # A worker must not keep its parent's run-folder lock alive (weakseg.record).
+    release_inherited_locks()
+
+
+class _EpochBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's (epoch, index) keys of each step of `self.epoch` (set before each
+    epoch in the main process, so persistent workers need no message)."""
+
+    def __init__(self, batches: Callable[[int], list[list[int]]]):
+        self.batches = batches
+        self.epoch = 0
+
+    def __iter__(self):
+        for global_idx in self.batches(self.epoch):
+            # A rank left without a sample (a last batch smaller than the world) runs one
+            # sample at weight 0: DDP needs every rank in each gradient all-reduce.
+            local = distributed.local_slice(global_idx) or global_idx[:1]
+            yield [(self.epoch, i) for i in local]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
+def make_loader(data: torch.utils.data.Dataset, sampler: _EpochBatchSampler, workers: int, device: torch.device):
+    """A DataLoader over `sampler`'s batches: `workers` processes decode and augment ahead of
+    the model (prefetching), persistent across epochs, pinned memory on CUDA."""
+    return torch.utils.data.DataLoader(
+        data,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        # Its own generator: an iterator otherwise draws its base seed from torch's global
+        # generator, which would shift every later dropout mask (and differ from a run
+        # without a DataLoader). The augmentation does not use torch's RNG at all.
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def _param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
@@ -145,6 +221,11 @@ def epoch_batches(num_samples: int, config: TrainConfig, epoch: int, steps_per_e
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
     batches = [order[i * config.batch_size : (i + 1) * config.batch_size] for i in range(steps_per_epoch)]
     return [b for b in batches if b]
+
+
+def poly_lr(base_lr: float, step: int, total: int, power: float) -> float:
+    """lr = base_lr * (1 - step / total) ** power."""
+    return base_lr * (1.0 - step / max(1, total)) ** power
 
 
 def set_poly_lr(optimizer, config: TrainConfig, step: int, total_steps: int) -> float:
@@ -235,6 +316,18 @@ class _Logger:
             self.tb.close()
 
 
+def autocast(device: torch.device, precision: str):
+    """The autocast context of `train.precision` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision: {precision!r}; allowed values: {', '.join(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train(
     model: torch.nn.Module,
     dataset: SegDataset,
@@ -248,23 +341,59 @@ def train(
     """Train `model` (outputs a dict of named maps) on `dataset`; returns {"epoch_losses": [...]}.
 
     `loss_config` is a `loss:` section (CAM methods) or ready loss terms (the segmentation
-    network's cross-entropy); `masks` gives per-sample training targets, batched as "mask"."""
+    network's cross-entropy); `masks` gives per-sample training targets by sample id,
+    batched as "mask"."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    terms: list[LossTerm] = build_terms(loss_config, generator) if isinstance(loss_config, LossConfig) else list(loss_config)
+    need_depth = any(getattr(t, "needs_depth", False) for t in terms)
+    target = (lambda index, sample: masks(sample.id)) if masks is not None else None
+    data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, target)
+    return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator)
+
+
+def _as_outputs(outputs) -> dict[str, torch.Tensor]:
+    """A network returning one tensor (AffinityNet's features) is read as {"features": it}."""
+    return outputs if isinstance(outputs, dict) else {"features": outputs}
+
+
+def fit(
+    model: torch.nn.Module,
+    data: torch.utils.data.Dataset,
+    terms: Sequence[LossTerm],
+    config: TrainConfig,
+    out_dir: Path,
+    background_channel: int | None = None,
+    on_step=None,
+    generator: torch.Generator | None = None,
+    checkpoint_extra: dict | None = None,
+) -> dict:
+    """The one training loop of weakseg: CAM methods, the AffinityNet and the segmentation
+    network all come through here.
+
+    `data[(epoch, index)]` gives one sample's tensors ("rgb" (3, H, W) in [0, 1], "labels",
+    optionally "mask", "depth"); the sum of `term.weight_at(epoch) * term(outputs, batch)` is
+    minimised. Per step: this rank's slice of a seeded global batch, loaded by a DataLoader,
+    poly LR, autocast (`precision`), backward, optional clipping, step; the global mean of each
+    term is logged to log.csv and checked for finiteness (NonFiniteLoss). After every epoch a
+    checkpoint (model, optimiser, terms, RNG states, `checkpoint_extra`) is written atomically;
+    a run folder holding one resumes from it."""
     distributed.setup()
     main = distributed.is_main()
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    if isinstance(loss_config, LossConfig):
-        terms: list[LossTerm] = build_terms(loss_config, generator)
-    else:
-        terms = list(loss_config)
+    generator = generator if generator is not None else torch.Generator().manual_seed(config.seed + 1)
+    terms = list(terms)
     extra = [p for term in terms for p in term.parameters()]
-    model.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
     optimizer = build_optimizer(model, extra, config)
-    need_depth = any(getattr(t, "needs_depth", False) for t in terms)
-    data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, masks)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     steps_per_epoch, total_steps = schedule_length(len(data), config)
+    workers = default_workers() if config.workers is None else config.workers
+    if workers < 0:
+        raise ConfigError(f"train.workers: must be >= 0 (or null for the default), got {workers}")
 
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, epoch_losses = 0, []
@@ -273,36 +402,48 @@ def train(
         for term, term_state in zip(terms, state.get("terms", [])):
             term.load_state_dict(term_state)
         start_epoch, epoch_losses = int(state["epoch"]), list(state["epoch_losses"])
-        generator.set_state(state["isl_generator"])
+        if "isl_generator" in state:
+            generator.set_state(state["isl_generator"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         restore_global_rng(state)
     net = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch) if main else None
-    normaliser = getattr(model, "input_normalization", None)
+    normalise = _input_normaliser(model)
+    batches = lambda epoch: epoch_batches(len(data), config, epoch, steps_per_epoch)  # noqa: E731
+    sampler = _EpochBatchSampler(batches)
+    loader = make_loader(data, sampler, workers, device) if start_epoch < config.epochs else None
+    waited = looped = 0.0  # seconds blocked on the loader, and of the whole loop
     try:
         for epoch in range(start_epoch, config.epochs):
-            data.epoch = epoch
+            sampler.epoch = epoch
             model.train()
             running, seen = 0.0, 0
-            for step_in_epoch, global_idx in enumerate(epoch_batches(len(data), config, epoch, steps_per_epoch)):
-                # Every rank draws the same global batch and takes its slice; a rank left
-                # without a sample (a last batch smaller than the world) runs one sample at
-                # weight 0, because DDP needs every rank in each gradient all-reduce.
-                idx = distributed.local_slice(global_idx)
-                scale = distributed.loss_scale(len(idx), len(global_idx))
-                items = [data[i] for i in (idx or global_idx[:1])]
-                batch = {key: torch.stack([it[key] for it in items]).to(device) for key in items[0]}
-                batch["image"] = normalize(batch["rgb"], normaliser)
+            iterator = iter(loader)
+            for step_in_epoch, global_idx in enumerate(batches(epoch)):
+                started = time.perf_counter()
+                batch = next(iterator)
+                now = time.perf_counter()
+                # The first batch of an epoch also waits for the workers to start: not a steady wait.
+                if step_in_epoch > 0:
+                    waited += now - started
+                    looped += now - received
+                received = now
+                n_local = len(distributed.local_slice(global_idx))
+                scale = distributed.loss_scale(n_local, len(global_idx))
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+                batch["image"] = normalise(batch["rgb"]).contiguous(memory_format=memory_format)
                 step = epoch * steps_per_epoch + step_in_epoch
                 lr = set_poly_lr(optimizer, config, step, total_steps)
-                outputs = net(batch["image"])
-                values = [term(outputs, batch, background_channel) for term in terms]
-                total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
+                with autocast(device, config.precision):
+                    outputs = _as_outputs(net(batch["image"]))
+                    values = [term(outputs, batch, background_channel) for term in terms]
+                    total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
                 # Global batch means of every term (sums over ranks of n_r * mean_r), so the
                 # log and the finiteness check are the same on every rank and equal to a
                 # single-process run's.
-                n_local = float(len(idx))
-                means = distributed.all_sum(torch.stack([v.detach().float() * n_local for v in values]
-                                                        + [total.detach().float() * n_local])) / len(global_idx)
+                means = distributed.all_sum(torch.stack([v.detach().float() * float(n_local) for v in values]
+                                                        + [total.detach().float() * float(n_local)])) / len(global_idx)
                 if not torch.isfinite(means).all():
                     bad = [t.name for t, v in zip(terms, means[:-1]) if not torch.isfinite(v)]
                     raise NonFiniteLoss(
@@ -310,9 +451,14 @@ def train(
                         f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none (first epoch)'}"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                (total * scale).backward()
+                scaler.scale(total * scale).backward()
                 distributed.average_gradients(extra)  # DDP averages only the model's gradients
-                optimizer.step()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
                 global_total = means[-1].item()
                 running += global_total * len(global_idx)
                 seen += len(global_idx)
@@ -331,12 +477,26 @@ def train(
                         "epoch": epoch + 1,
                         "epoch_losses": epoch_losses,
                         "isl_generator": generator.get_state(),
+                        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                         **global_rng_state(),
+                        **(checkpoint_extra or {}),
                     },
                 )
             distributed.barrier()
     finally:
         if logger is not None:
             logger.close()
+        del loader  # ends persistent workers
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
-    return {"epoch_losses": epoch_losses, "steps": total_steps}
+    # data_wait: the share of the steady steps' time spent waiting for a batch.
+    return {"epoch_losses": epoch_losses, "steps": total_steps, "data_wait": waited / looped if looped else None}
+
+
+def _input_normaliser(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """RGB in [0, 1] -> the model's input: its `input_normalization` (mean, std) pair, or its
+    `input_norm` callable (AffinityNet), else ImageNet statistics."""
+    pair = getattr(model, "input_normalization", None)
+    if pair is None and callable(getattr(model, "input_norm", None)):
+        return model.input_norm
+    return lambda rgb: normalize(rgb, pair)
