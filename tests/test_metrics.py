@@ -360,3 +360,79 @@ def test_real_voc_gt_as_prediction_is_perfect(voc_root):
         ev.add(gt, gt)
     s = ev.summary()
     assert s["miou"] == 1.0 and s["contour_f"] == 1.0 and s["boundary_iou"] == 1.0
+
+
+# --- all classes at once vs one class at a time -----------------------------------------
+
+
+def _blocky_pair(rng, h, w, k, block=4):
+    base = rng.integers(0, k, size=(h // block + 1, w // block + 1))
+    lab = np.kron(base, np.ones((block, block), int))[:h, :w]
+    pred, gt = lab.copy(), np.roll(lab, 1 + int(rng.integers(0, 3)), axis=int(rng.integers(0, 2)))
+    pred[rng.random((h, w)) < 0.05] = 255
+    gt[rng.random((h, w)) < 0.05] = 255
+    pred[rng.random((h, w)) < 0.02] = 250  # an id beyond every class count used here
+    return pred.astype(np.uint8), gt.astype(np.uint8)
+
+
+@pytest.mark.parametrize("num_classes", [2, 9, 21, 70, 130])
+def test_contour_counts_of_all_classes_equal_the_per_class_distance_transforms(num_classes):
+    from weakseg.metrics import contour
+
+    rng = np.random.default_rng(num_classes)
+    for trial in range(40):
+        h, w = (int(v) for v in rng.integers(1, 48, size=2))
+        pred, gt = _blocky_pair(rng, h, w, num_classes)
+        th = float(rng.choice([0.008, 0.05, 0.3, 4]))
+        background = None if trial % 3 == 0 else 0
+        fast = contour.class_boundary_counts(pred, gt, num_classes, th, 255, background)
+        slow = contour.class_boundary_counts_by_class(pred, gt, num_classes, th, 255, background)
+        np.testing.assert_array_equal(fast, slow)
+
+
+def test_sparse_and_dense_matching_give_the_same_bits():
+    from weakseg.metrics import contour
+
+    rng = np.random.default_rng(3)
+    pred, gt = _blocky_pair(rng, 60, 50, 21, block=2)  # boundaries almost everywhere
+    bits_p, bits_g = contour.class_boundary_bits(pred, 21), contour.class_boundary_bits(gt, 21)
+    for radius in (0, 1, 3, 7):
+        dense = bits_p & contour.dilate_bits(bits_g, radius)
+        np.testing.assert_array_equal(contour.matched_bits(bits_p, bits_g, radius), dense)
+        # Brute force: bit k at p iff some pixel of gt's class-k boundary lies within r.
+        for k in (0, 5):
+            ys, xs = np.nonzero((bits_g[0] >> np.uint32(k)) & 1)
+            py, px = np.nonzero((bits_p[0] >> np.uint32(k)) & 1)
+            near = ((py[:, None] - ys[None]) ** 2 + (px[:, None] - xs[None]) ** 2 <= radius * radius).any(axis=1)
+            np.testing.assert_array_equal((dense[0][py, px] >> np.uint32(k)) & 1, near.astype(np.uint32))
+
+
+@pytest.mark.parametrize("num_classes", [2, 21, 130])
+def test_boundary_iou_of_all_classes_equals_the_per_class_bands(num_classes):
+    from weakseg.metrics import boundary_iou
+
+    rng = np.random.default_rng(10 + num_classes)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 64, size=2))
+        pred, gt = _blocky_pair(rng, h, w, num_classes, block=6)
+        ratio = float(rng.choice([0.001, 0.02, 0.05, 0.3]))
+        fast = boundary_iou.class_boundary_iou_counts(pred, gt, num_classes, ratio)
+        slow = boundary_iou.class_boundary_iou_counts_by_class(pred, gt, num_classes, ratio)
+        np.testing.assert_array_equal(fast, slow)
+
+
+def test_parallel_eval_equals_one_process(tmp_path):
+    from weakseg.data.io import write_label_png
+    from weakseg.steps import evaluate
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    for i in range(20):
+        pred, gt = _blocky_pair(rng, 40, 50, 6)
+        pred[pred == 250] = 3
+        write_label_png(tmp_path / "p" / f"{i}.png", pred)
+        write_label_png(tmp_path / "g" / f"{i}.png", gt)
+    one = evaluate.run(tmp_path / "p", tmp_path / "g", workers=1)
+    two = evaluate.run(tmp_path / "p", tmp_path / "g", workers=2)
+    assert one == two and one["num_images"] == 20
