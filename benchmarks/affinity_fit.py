@@ -25,6 +25,7 @@ import torch
 from weakseg.config import parse_override
 from weakseg.data import build_dataset
 from weakseg.data.io import write_label_png
+from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.refine.affinity import (
     AFFINITY_ALPHA_PRESETS,

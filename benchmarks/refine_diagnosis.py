@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from weakseg.data import build_dataset
+from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.data.transforms import resize_nearest
 from weakseg.refine.affinity import (

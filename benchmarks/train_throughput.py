@@ -11,7 +11,8 @@ the baseline does not have is marked n/a. Rows:
 - train: CAM (EfficientNet-Lite0, 256 px crops, batch 8), SEAM (Lite0), ViT CAM (DeiT-S,
   224 px) and DeepLab (Lite0 + ASPP) images/s over the steps after the first two, for the
   baseline, then the current code with each option added in turn (workers, channels_last,
-  bf16, freeze_stages 2); `data wait` is the share of a step spent waiting for the batch;
+  bf16, freeze_stages 2; the ViT freezes 1, its patch embedding); `data wait` is the share
+  of the steady steps' time spent waiting for the batch;
   the bf16 row also gives the change in CAM J of a short fixed-seed run (`--j-epochs`).
 - data: the data pipeline alone (decode + augment + batch), images/s with 0, 1 and 2 workers.
 - infer: CAM inference (the infer-cam step, scale 1 + flip) and segmentation inference (the
@@ -289,7 +290,7 @@ def main() -> None:
             print(f"| {workers} | {result.get('images_per_s', float('nan')):.1f} |")
         print()
     if "infer" in args.only:
-        print("## inference (scale 1 + flip, random-init Lite0)\n\n| step | threads | baseline images/s | now images/s | speed-up |\n|---|---|---|---|---|")
+        print("## inference (scale 1 + flip, Lite0)\n\n| step | threads | baseline images/s | now images/s | speed-up |\n|---|---|---|---|---|")
         for kind, model, label in (("cam_infer", lite, "infer-cam"), ("seg_infer", {**lite, "aspp_channels": 128}, "predict")):
             for t in ((threads, 1) if kind == "cam_infer" else (threads,)):
                 job = {"child": "infer", "kind": kind, "dataset": data, "model": model, "images": args.infer_images, "threads": t}

@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from weakseg.data.io import IGNORE_INDEX
 from weakseg.errors import DataError, DatasetProblems
+from weakseg.labels import IGNORE
 
 
 @dataclass
@@ -48,7 +48,7 @@ def labels_from_mask(mask: np.ndarray, num_classes: int, background_index: int |
     """Multi-hot image-level label over foreground classes from a mask (void 255 excluded)."""
     present = np.zeros(num_classes, dtype=bool)
     values = np.unique(mask)
-    values = values[values != IGNORE_INDEX]
+    values = values[values != IGNORE]
     present[values[values < num_classes]] = True
     fg = foreground_ids(num_classes, background_index)
     return present[fg].astype(np.float32)
@@ -57,7 +57,7 @@ def labels_from_mask(mask: np.ndarray, num_classes: int, background_index: int |
 def validate_mask(mask: np.ndarray, num_classes: int, path) -> None:
     """Raise DataError if the mask has ids outside 0..num_classes-1 other than 255."""
     values = np.unique(mask)
-    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    bad = values[(values >= num_classes) & (values != IGNORE)]
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:8])
         raise DataError(path, f"label ids outside 0..{num_classes - 1} (and not void 255): {shown}")

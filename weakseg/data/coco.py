@@ -28,8 +28,9 @@ import numpy as np
 
 from weakseg.config import resolve_path
 from weakseg.data.base import SegDataset, Sample, multi_hot
-from weakseg.data.io import IGNORE_INDEX, read_image_rgb, resolve_under
+from weakseg.data.io import read_image_rgb, resolve_under
 from weakseg.errors import ConfigError, DataError
+from weakseg.labels import IGNORE
 
 MAX_CATEGORIES = 254  # ids 1..254; 0 is background and 255 void
 
@@ -103,7 +104,7 @@ class CocoDataset(SegDataset):
             regions.append((shape, region))
         for shape, region in regions:
             if shape.crowd:
-                mask[region] = IGNORE_INDEX
+                mask[region] = IGNORE
         solid = [(s, r, int(r.sum())) for s, r in regions if not s.crowd]
         solid.sort(key=lambda item: (-item[2], item[0].annotation_id))
         for shape, region, _ in solid:

@@ -24,8 +24,9 @@ import numpy as np
 
 from weakseg.config import resolve_path
 from weakseg.data.base import SegDataset, Sample, check_same_size, labels_from_mask, multi_hot
-from weakseg.data.io import IGNORE_INDEX, read_depth, read_image_rgb, read_label_map, resolve_under
+from weakseg.data.io import read_depth, read_image_rgb, read_label_map, resolve_under
 from weakseg.errors import ConfigError, DataError
+from weakseg.labels import IGNORE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff")
@@ -206,11 +207,11 @@ def mask_lookup_table(
             table[raw] = target
     else:
         table = np.arange(256, dtype=np.int16) + offset
-    table[(table >= num_classes) & (table != IGNORE_INDEX)] = -1
+    table[(table >= num_classes) & (table != IGNORE)] = -1
     table[table < 0] = -1
     for raw in void_values:
-        table[raw] = IGNORE_INDEX
-    table[IGNORE_INDEX] = IGNORE_INDEX
+        table[raw] = IGNORE
+    table[IGNORE] = IGNORE
     return table
 
 
@@ -221,7 +222,7 @@ def read_mask(path: Path, num_classes: int, table: np.ndarray | None, rule: str 
     counts = np.bincount(raw.ravel(), minlength=256)
     present = np.flatnonzero(counts)
     if table is None:
-        bad = present[(present >= num_classes) & (present != IGNORE_INDEX)]
+        bad = present[(present >= num_classes) & (present != IGNORE)]
         if bad.size:
             shown = ", ".join(str(int(v)) for v in bad[:8])
             raise DataError(path, f"label ids outside 0..{num_classes - 1} (and not void 255): {shown}")
@@ -362,7 +363,7 @@ def _mask_rule(config: Config, num_classes: int) -> tuple[np.ndarray | None, str
             if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 254:
                 raise ConfigError(f"dataset.mask_mapping: key {raw!r} is not a raw mask value in 0..254")
             if isinstance(target, bool) or not isinstance(target, int) or not (
-                0 <= target < num_classes or target == IGNORE_INDEX
+                0 <= target < num_classes or target == IGNORE
             ):
                 raise ConfigError(
                     f"dataset.mask_mapping.{raw}: {target!r} is not a class id in 0..{num_classes - 1} or 255"

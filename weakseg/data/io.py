@@ -19,8 +19,6 @@ from PIL import Image
 
 from weakseg.errors import DataError
 
-IGNORE_INDEX = 255
-
 
 def voc_palette() -> list[int]:
     """The PASCAL VOC colour map (bit-interleaved), flattened to 768 ints for PIL."""

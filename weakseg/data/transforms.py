@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from weakseg.data.io import IGNORE_INDEX
 from weakseg.errors import ConfigError
+from weakseg.labels import IGNORE
 
 IMAGENET_MEAN_255 = (124.0, 116.0, 104.0)  # rounded ImageNet RGB mean, 0..255 scale
 DEPTH_FILL = 0.0  # depth padding: no measurement
@@ -90,7 +90,7 @@ def pad_to(sample: Paired, height: int, width: int, image_fill: Sequence[float] 
     image[:h, :w] = sample.image
     mask = depth = None
     if sample.mask is not None:
-        mask = np.full((out_h, out_w), IGNORE_INDEX, dtype=sample.mask.dtype)
+        mask = np.full((out_h, out_w), IGNORE, dtype=sample.mask.dtype)
         mask[:h, :w] = sample.mask
     if sample.depth is not None:
         depth = np.full((out_h, out_w), DEPTH_FILL, dtype=sample.depth.dtype)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from weakseg.labels import IGNORE
 
-def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+
+def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
     """logits (B, K, h, w), target (B, H, W) class indices (any integer dtype; `ignore_index`
     marks void) -> scalar mean cross-entropy over the non-ignored pixels at H x W."""
     if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from weakseg.labels import IGNORE
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
     """(K, K+1) int64 counts: rows = ground truth class, columns = predicted class, and a last
     column for pixels predicted `ignore_index` (no prediction).
 

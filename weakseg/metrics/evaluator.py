@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from weakseg.labels import IGNORE
 from weakseg.metrics import boundary_iou, confusion, contour
 
 CONVENTIONS = {
@@ -40,7 +41,7 @@ class SegEvaluator:
         background_index: int | None = 0,
         bound_th: float = contour.DEFAULT_BOUND_TH,
         boundary_dilation_ratio: float = boundary_iou.DEFAULT_DILATION_RATIO,
-        ignore_index: int = confusion.IGNORE_INDEX,
+        ignore_index: int = confusion.IGNORE,
     ):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)

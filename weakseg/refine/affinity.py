@@ -60,13 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakseg.labels import IGNORE
 from weakseg.models.backbones import InputNorm, build_backbone, input_norm_of
 from weakseg.refine.base import cams_to_probs, check_inputs
 
 # (alpha_low, alpha_high) of the affinity labels; see the module docstring for the sources.
 AFFINITY_ALPHA_PRESETS: dict[str, tuple[float, float]] = {"seam": (4, 24), "hfpl": (1, 24), "icam": (2, 4)}
 
-IGNORE = 255
 # Pair-label codes of `pair_labels`.
 PAIR_BG_POS, PAIR_FG_POS, PAIR_NEG, PAIR_IGNORE = 0, 1, 2, 255
 

@@ -26,8 +26,9 @@ from PIL import Image
 from weakseg.config import load_yaml
 from weakseg.data import build_dataset
 from weakseg.data.base import SegDataset
-from weakseg.data.io import IGNORE_INDEX, read_label_map, voc_palette, write_text_atomic
+from weakseg.data.io import read_label_map, voc_palette, write_text_atomic
 from weakseg.errors import DataError, WeaksegError
+from weakseg.labels import IGNORE
 from weakseg.report.overlays import blend, colorize_labels, heatmap
 from weakseg.report.plots import ScatterPoint, iou_bars_svg, is_missing, jf_scatter_svg, percent
 
@@ -312,9 +313,9 @@ def _legend(dataset: SegDataset) -> str:
     for class_id, name in enumerate(dataset.class_names):
         r, g, b = _PALETTE[class_id]
         items.append(f'<span class="swatch" data-class-id="{class_id}" style="background: rgb({r}, {g}, {b})"></span>{escape(name)}')
-    r, g, b = _PALETTE[IGNORE_INDEX]
+    r, g, b = _PALETTE[IGNORE]
     items.append(
-        f'<span class="swatch" data-class-id="{IGNORE_INDEX}" style="background: rgb({r}, {g}, {b})"></span>'
+        f'<span class="swatch" data-class-id="{IGNORE}" style="background: rgb({r}, {g}, {b})"></span>'
         "unconfident / ignore (255)"
     )
     return f"<p class='legend'>{''.join(items)}</p>"

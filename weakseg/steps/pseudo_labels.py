@@ -23,11 +23,11 @@ import numpy as np
 from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
+from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.record import dataset_summary, recorded_step
 from weakseg.train import distributed
 
-IGNORE = 255
 
 
 @dataclass
