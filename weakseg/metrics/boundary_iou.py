@@ -91,30 +91,6 @@ def label_band(label: np.ndarray, width: int) -> np.ndarray:
     return band
 
 
-def class_boundary_iou_counts_by_class(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    num_classes: int,
-    dilation_ratio: float = DEFAULT_DILATION_RATIO,
-    ignore_index: int = 255,
-) -> np.ndarray:
-    """`class_boundary_iou_counts` one class at a time with `inner_boundary` (distance
-    transforms): the plain reading of the definition, kept as the tests' reference."""
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    width = band_width(gt.shape, dilation_ratio)
-    valid = gt != ignore_index
-    counts = np.zeros((num_classes, 2), dtype=np.int64)
-    for k in np.union1d(np.unique(pred), np.unique(gt)):
-        if k == ignore_index or k >= num_classes:
-            continue
-        gt_band = inner_boundary(gt == k, width) & valid
-        pred_band = inner_boundary(pred == k, width) & valid
-        counts[k, 0] = int((gt_band & pred_band).sum())
-        counts[k, 1] = int((gt_band | pred_band).sum())
-    return counts
-
-
 def per_class_boundary_iou(counts: np.ndarray) -> np.ndarray:
     """Intersection / union per class; NaN where both bands are empty over the dataset."""
     inter = counts[:, 0].astype(np.float64)

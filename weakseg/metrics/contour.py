@@ -125,7 +125,8 @@ def class_boundary_counts(
     Dilating every class's boundary by the disk of radius r is one OR over the disk's
     offsets of the shifted bit sets (`dilate_bits`), so the matched counts are bit counts of
     `pred_bits & dilate(gt_bits)` and `gt_bits & dilate(pred_bits)`. The same integers as the
-    per-class distance transforms, at a fraction of the cost for many classes.
+    per-class distance transforms (`boundary_counts` per class, the tests' reference), at a
+    fraction of the cost for many classes.
     """
     pred = np.asarray(pred)
     gt = np.asarray(gt)
@@ -256,30 +257,6 @@ def count_bits(bits: np.ndarray, num_classes: int) -> np.ndarray:
         column = unpacked.sum(axis=0)
         k = min(unpacked.shape[1], num_classes - 64 * word)
         counts[64 * word : 64 * word + k] = column[:k]
-    return counts
-
-
-def class_boundary_counts_by_class(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    num_classes: int,
-    bound_th: float = DEFAULT_BOUND_TH,
-    ignore_index: int = 255,
-    background_index: int | None = 0,
-) -> np.ndarray:
-    """`class_boundary_counts` one class at a time with `boundary_counts` (distance
-    transforms): the slow, plain reading of the definition, kept as the tests' reference."""
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if background_index is not None:
-        pred = np.where(pred == ignore_index, background_index, pred)
-        gt = np.where(gt == ignore_index, background_index, gt)
-    radius = tolerance_radius(gt.shape, bound_th)
-    counts = np.zeros((num_classes, 4), dtype=np.int64)
-    for k in np.union1d(np.unique(pred), np.unique(gt)):
-        if k == ignore_index or k >= num_classes:
-            continue
-        counts[k] = boundary_counts(pred == k, gt == k, radius)
     return counts
 
 
