@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import importlib
 import inspect
 
 from weakseg.errors import ConfigError
 from weakseg.models.freeze import freeze_stages
-
-# model.method -> (module, class) of the CAM method; each file is readable alone.
-METHODS = {
-    "cam": ("weakseg.models.methods.cam", "CAMNet"),  # plain CAM (GAP/GMP, ISL, ...)
-    "seam": ("weakseg.models.methods.seam", "SEAMNet"),  # siamese + PCM (Wang et al. 2020)
-    "vit_cam": ("weakseg.models.methods.vit_cam", "ViTCAMNet"),  # WeakTr-style coarse/fine CAMs
-}
+from weakseg.registry import lookup
 
 
 @dataclass
 class ModelConfig:
-    method: Literal["cam", "seam", "vit_cam"] = "cam"
+    method: str = "cam"  # a registered CAM method: cam, seam, vit_cam (registry.available("method"))
     backbone: str = "tiny_cnn"
     background_channel: bool = False  # C+1 outputs, channel 0 background (multinomial ISL; cam only)
     backbone_args: dict[str, Any] = field(default_factory=dict)  # e.g. pretrained, weights, output_stride
@@ -33,11 +26,13 @@ class ModelConfig:
     freeze_stages: int = 0
 
 
+    def __post_init__(self):
+        method_class(self.method)  # an unknown method is one error when the config loads
+
+
 def method_class(method: str):
-    if method not in METHODS:
-        raise ConfigError(f"model.method: {method!r} is not allowed; allowed values: {', '.join(METHODS)}")
-    module, name = METHODS[method]
-    return getattr(importlib.import_module(module), name)
+    """The network class registered as `method` (`@register("method", name)` in its file)."""
+    return lookup("method", method, "model.method")
 
 
 def build_model(model: ModelConfig, num_classes: int):

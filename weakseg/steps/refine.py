@@ -31,6 +31,7 @@ from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.record import dataset_summary, recorded_step
+from weakseg.registry import available, lookup
 from weakseg.refine.base import channel_probs
 from weakseg.train.affinity import AffinityTrainConfig, train_affinity
 from weakseg.train.trainer import pick_device
@@ -54,7 +55,7 @@ class AffinityStageConfig:
 
 @dataclass
 class RefineConfig:
-    method: Literal["none", "crf", "pamr", "spr", "affinity_rw"] = "crf"
+    method: str = "crf"  # a registered refiner (weakseg.refine.builders) or affinity_rw
     # Where the background score comes from:
     #   power:    (1 - max cam)^background_alpha (psa, SEAM)
     #   constant: background_constant everywhere (IRN, SEAM's evaluation: a CAM threshold)
@@ -69,6 +70,12 @@ class RefineConfig:
     spr_alpha: float = 0.8  # shape-cues eq. 5-6; 1.0 is PAMR
     affinity: AffinityStageConfig = field(default_factory=AffinityStageConfig)
 
+    def __post_init__(self):
+        # Checked when the config loads, not when the step runs after hours of training.
+        allowed = available("refiner") + ["affinity_rw"]
+        if self.method not in allowed:
+            raise ConfigError(f"refine.method: {self.method!r} is not allowed; allowed values: {', '.join(allowed)}")
+
 
 def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
     cams, class_ids = read_arrays(path, ("cams", "class_ids"), "CAM file", "run infer-cam first")
@@ -82,24 +89,14 @@ def load_model_probs(path: Path) -> np.ndarray:
 
 
 def build_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step=None):
-    """The configured refiner (an object following weakseg.refine.base.Refiner) or None."""
-    if config.method == "none":
-        return None
-    if config.method == "crf":
-        from weakseg.refine.crf import DenseCRF
-
-        return DenseCRF(config.crf_preset)
-    if config.method == "pamr":
-        from weakseg.refine.pamr import PAMR
-
-        return PAMR(iterations=config.pamr_iterations)
-    if config.method == "spr":
-        from weakseg.refine.pamr import SPR
-
-        return SPR(alpha=config.spr_alpha, iterations=config.pamr_iterations)
+    """The configured refiner (an object following weakseg.refine.base.Refiner) or None:
+    a refiner registered by name (weakseg.refine.builders), or the affinity random walk."""
     if config.method == "affinity_rw":
         return _affinity_refiner(config, dataset, cam_dir, out / "affinity", on_step)
-    raise ConfigError(f"refine.method: {config.method!r}; allowed values: none, crf, pamr, spr, affinity_rw")
+    if config.method not in available("refiner"):
+        raise ConfigError(f"refine.method: {config.method!r}; allowed values: "
+                          f"{', '.join(available('refiner') + ['affinity_rw'])}")
+    return lookup("refiner", config.method, "refine.method")(config)
 
 
 def _affinity_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step):

@@ -11,8 +11,10 @@ from torch import nn
 
 from weakseg.models.backbones import build_backbone, input_norm_of
 from weakseg.models.heads import CAMHead
+from weakseg.registry import register
 
 
+@register("method", "cam")
 class CAMNet(nn.Module):
     inference_output = "cams"  # what CAM inference reads
     score_output = "cams"  # raw class scores (logit-like): the model's probabilities

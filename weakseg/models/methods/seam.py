@@ -74,6 +74,7 @@ from torch import nn
 
 from weakseg.models.backbones import build_backbone, input_norm_of
 from weakseg.models.heads import CAMHead
+from weakseg.registry import register
 
 # The max normalisation of the PCM input divides by (max + NORM_EPS).
 NORM_EPS = 1e-5
@@ -140,6 +141,7 @@ class PixelCorrelationModule(nn.Module):
         return pcm_refine(cams, pcm_affinity(self.embedding(features, image)))
 
 
+@register("method", "seam")
 class SEAMNet(nn.Module):
     """SEAM's siamese CAM network with PCM; see the module docstring for outputs and deviations.
 

@@ -119,6 +119,7 @@ from torch import nn
 
 from weakseg.errors import ConfigError
 from weakseg.models.backbones import build_backbone, input_norm_of
+from weakseg.registry import register
 
 
 # --------------------------------------------------------------------------------------
@@ -242,6 +243,7 @@ class AdaptiveAttentionFusion(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+@register("method", "vit_cam")
 class ViTCAMNet(nn.Module):
     """WeakTr-style CAM network on a timm ViT: coarse CAM (conv head on patch tokens) and fine
     CAM (adaptively fused attention propagating the coarse CAM). See the module docstring.

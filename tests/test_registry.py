@@ -1,0 +1,59 @@
+"""The one plug-in registry: a refiner added with one decorated function is accepted by
+the config, built by the refine step and listed; names clash loudly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weakseg.errors import ConfigError
+from weakseg.registry import available, lookup, register
+
+
+def test_builtins_are_listed():
+    assert available("method") == ["cam", "seam", "vit_cam"]
+    assert {"none", "crf", "pamr", "spr"} <= set(available("refiner"))
+
+
+def test_a_new_refiner_is_one_decorated_function(tmp_path):
+    from weakseg.data import build_dataset
+    from weakseg.steps import refine as refine_step
+    from weakseg.steps.refine import RefineConfig
+
+    class Sharpen:
+        """probs -> probs ** 2, renormalised: a refiner in a few lines."""
+
+        def __call__(self, probs, image):
+            squared = probs**2
+            return squared / squared.sum(axis=0, keepdims=True)
+
+    register("refiner", "test_sharpen")(lambda config: Sharpen())
+    assert "test_sharpen" in available("refiner")
+    config = RefineConfig(method="test_sharpen", background="constant", background_constant=0.5)
+
+    dataset = build_dataset({"kind": "synthetic", "num_images": 2, "image_size": 24})
+    from weakseg.steps.infer_cam import save_cams
+
+    for i in range(2):
+        sample = dataset[i]
+        cams = np.full((len(sample.present_class_ids), 24, 24), 0.8, np.float32)
+        save_cams(tmp_path / "cam" / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids)
+    result = refine_step.run(dataset, tmp_path / "cam", tmp_path / "refined", config)
+    assert result["method"] == "test_sharpen"
+    with np.load(tmp_path / "refined" / "probs" / f"{dataset.ids[0]}.npz") as data:
+        probs = data["probs"].astype(np.float32)
+    # Background 0.5 against classes 0.8: squared and renormalised, as the refiner says.
+    k = probs.shape[0] - 1
+    expected_bg = 0.25 / (0.25 + k * 0.64)
+    np.testing.assert_allclose(probs[0], expected_bg, atol=2e-3)
+
+
+def test_unknown_names_and_clashes_are_one_clear_error():
+    with pytest.raises(ConfigError, match="refine.method: 'blur' is not allowed; allowed values: none, crf"):
+        lookup("refiner", "blur", "refine.method")
+    register("refiner", "test_once")(print)
+    register("refiner", "test_once")(print)  # the same builder again: harmless (module re-import)
+    with pytest.raises(ValueError, match="registered twice"):
+        register("refiner", "test_once")(len)
+    with pytest.raises(ValueError, match="unknown plug-in kind"):
+        register("backbone_typo", "x")
