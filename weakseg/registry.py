@@ -47,7 +47,7 @@ def _load(kind: str) -> dict[str, Callable]:
 
 
 def available(kind: str) -> list[str]:
-    """The registered names of `kind`, in registration order."""
+    """The registered names of `kind` (in the order their modules registered them)."""
     return list(_load(kind))
 
 
