@@ -29,7 +29,6 @@ from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.refine.affinity import (
     AFFINITY_ALPHA_PRESETS,
-    IGNORE,
     AffinityNet,
     RandomWalk,
     image_features,

@@ -29,7 +29,6 @@ from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.data.transforms import resize_nearest
 from weakseg.refine.affinity import (
     AFFINITY_ALPHA_PRESETS,
-    IGNORE,
     PAIR_BG_POS,
     PAIR_FG_POS,
     PAIR_NEG,

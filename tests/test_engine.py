@@ -5,7 +5,6 @@ network (CAM, AffinityNet, segmentation, the demo) trains through the same loop.
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ from typing import Sequence
 
 import numpy as np
 
-from weakseg.labels import IGNORE
 from weakseg.metrics import boundary_iou, confusion, contour
 
 CONVENTIONS = {

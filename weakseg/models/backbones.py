@@ -322,7 +322,7 @@ class EfficientNetLite(nn.Module):
         self._bn0 = _bn(_LITE_STEM)
 
         specs = []  # (cin, cout, kernel, stride, expand)
-        self_block_stages: list[int] = []  # the B0 stage of each block
+        block_stages: list[int] = []
         cin = _LITE_STEM
         for i, (repeats, kernel, stride, expand, cout) in enumerate(_B0_STAGES):
             cout = _round_channels(cout, width)
@@ -330,7 +330,7 @@ class EfficientNetLite(nn.Module):
                 repeats = int(math.ceil(depth * repeats))
             for r in range(repeats):
                 specs.append((cin, cout, kernel, stride if r == 0 else 1, expand))
-                self_block_stages.append(i)
+                block_stages.append(i)
                 cin = cout
 
         blocks = []
@@ -346,7 +346,7 @@ class EfficientNetLite(nn.Module):
             drop = drop_connect_rate * index / len(specs)
             blocks.append(_MBConvLite(bin_, bout, kernel, stride, expand, block_dilation, residual, drop))
         self._blocks = nn.ModuleList(blocks)
-        self.block_stages = self_block_stages
+        self.block_stages = block_stages  # the B0 stage of each block, for stages()
 
         self._conv_head = nn.Conv2d(cin, _LITE_HEAD, 1, bias=False)
         self._bn1 = _bn(_LITE_HEAD)

@@ -25,7 +25,6 @@ class ModelConfig:
     # detached from autograd (IRN's frozen conv1 + layer1: 2); weakseg.models.freeze.
     freeze_stages: int = 0
 
-
     def __post_init__(self):
         method_class(self.method)  # an unknown method is one error when the config loads
 

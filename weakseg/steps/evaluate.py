@@ -109,11 +109,11 @@ def _map_chunks(function, chunks: list, workers: int, on_done: Callable[[int], N
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(function, *chunk) for chunk in chunks]
+        futures = {pool.submit(function, *chunk): len(chunk[0]) for chunk in chunks}
         for future in concurrent.futures.as_completed(futures):
             if on_done is not None:
-                on_done(len(chunks[futures.index(future)][0]))
-        return [future.result() for future in futures]
+                on_done(futures[future])
+        return [future.result() for future in futures]  # dicts keep submission order
 
 
 def run(

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, read_label_map, write_label_png

@@ -1,9 +1,12 @@
-"""One trainer for every CAM method: config -> model + loss terms -> optimiser loop.
+"""The one trainer (`fit`) for every network: CAM methods, the AffinityNet, the segmentation
+network and the demo (docs/training.md).
 
 - SGD with poly LR (icam Table 1: lr 0.01, momentum 0.9, weight decay 5e-4, power 0.9;
   head layers at 10x the backbone LR, as SEAM trains its new layers) or AdamW.
 - Fixed seed: the sample order, the augmentation (a numpy generator per (seed, epoch,
   index)) and the ISL draws (a torch generator) all derive from `train.seed`.
+- A DataLoader (`train.workers`) decodes and augments ahead of the model; since every sample
+  is a function of (seed, epoch, index), the worker count never changes the weights.
 - A checkpoint (model, optimiser, epoch) is written atomically after every epoch; a run
   directory with a checkpoint resumes from it.
 - Every loss term's value is logged per step to `log.csv` (and to TensorBoard when the
@@ -413,7 +416,7 @@ def fit(
     batches = lambda epoch: epoch_batches(len(data), config, epoch, steps_per_epoch)  # noqa: E731
     sampler = _EpochBatchSampler(batches)
     loader = make_loader(data, sampler, workers, device) if start_epoch < config.epochs else None
-    waited = looped = 0.0  # seconds blocked on the loader, and of the whole loop
+    waited = looped = received = 0.0  # seconds blocked on the loader, of the loop; last batch time
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler.epoch = epoch
