@@ -28,7 +28,6 @@ from weakseg.data.io import write_label_png
 from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.refine.affinity import (
-    AFFINITY_ALPHA_PRESETS,
     AffinityNet,
     RandomWalk,
     image_features,
@@ -56,22 +55,20 @@ def write_mask_labels(dataset, cache_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished `weakseg run` directory (with cam/)")
+    parser.add_argument("--run", type=Path, required=True, help="a finished `weakseg run` directory (with infer_cam/ and a train_affinity section)")
     parser.add_argument("--labels", choices=["cams", "masks"], default="cams")
     parser.add_argument("--out", type=Path, default=None, help="where to train (default RUN/affinity_fit_LABELS)")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of refine.affinity.train")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of train_affinity.train")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     config, base_dir = load_config(args.run / "config.yaml")
     dataset = build_dataset(config.dataset, base_dir)
-    stage = config.refine.affinity
+    stage, walk_config = config.train_affinity, config.refine.walk
     train_config = stage.train
-    if stage.preset:
-        low, high = AFFINITY_ALPHA_PRESETS[stage.preset]
-        train_config = dataclasses.replace(train_config, alpha_low=low, alpha_high=high)
+    low, high = stage.alphas()
     for text in args.overrides:
         (key,), value = parse_override(text)
         train_config = dataclasses.replace(train_config, **{key: type(getattr(train_config, key))(value)})
@@ -79,17 +76,18 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     if args.labels == "masks":
         # Written where train_affinity's label cache looks, newer than the CAM files.
-        cache = AffinityLabels(dataset, args.run / "cam", out, train_config.alpha_low, train_config.alpha_high).cache_dir
+        cache = AffinityLabels(dataset, args.run / "infer_cam", out, low, high).cache_dir
         write_mask_labels(dataset, cache)
 
     torch.manual_seed(train_config.seed)
     model = AffinityNet(stage.backbone, stage.dim, **stage.backbone_args)
     started = time.perf_counter()
-    model = train_affinity(model, dataset, args.run / "cam", train_config, out)
+    model = train_affinity(model, dataset, args.run / "infer_cam", train_config, out, radius=stage.radius,
+                           alphas=(low, high))
     seconds = time.perf_counter() - started
     losses = torch.load(out / "checkpoint.pt", weights_only=True)["epoch_losses"]
 
-    walk = RandomWalk(model, stage.beta, stage.log_t, train_config.radius)
+    walk = RandomWalk(model, walk_config.beta, walk_config.log_t, walk_config.radius)
     stats = np.zeros((3, 3))  # kind x (pairs, sum a, sum a^beta)
     evaluators = {name: SegEvaluator(dataset.class_names, dataset.background_index) for name in ("start", "walk")}
     bg = dataset.background_index
@@ -97,10 +95,10 @@ def main() -> None:
         sample = dataset[i]
         with torch.no_grad():
             features = image_features(model, sample.image)
-            aff = pair_affinities(features[None], train_config.radius)[0].numpy()
-        add_pair_stats(stats, aff, mask_pair_labels(sample.mask, bg), model.output_stride, train_config.radius,
-                       stage.beta)
-        path = args.run / "cam" / "cams" / f"{sample.id}.npz"
+            aff = pair_affinities(features[None], walk_config.radius)[0].numpy()
+        add_pair_stats(stats, aff, mask_pair_labels(sample.mask, bg), model.output_stride, walk_config.radius,
+                       walk_config.beta)
+        path = args.run / "infer_cam" / "cams" / f"{sample.id}.npz"
         cams, class_ids = load_cams(path)
         model_probs = load_model_probs(path) if config.refine.background == "model" else None
         probs, ids = channel_probs(cams, class_ids, bg, config.refine.background, config.refine.background_alpha,
@@ -112,13 +110,13 @@ def main() -> None:
     print(f"\nAffinityNet ({stage.backbone}, stride {model.output_stride}) trained on {args.labels} labels, "
           f"{train_config.epochs} epochs, {train_config.optimizer} lr {train_config.lr:g}: {seconds:.0f} s")
     print("epoch losses: " + ", ".join(f"{v:.3f}" for v in losses) + "  (all affinities 0.5 would give 0.693)\n")
-    print(f"| pairs (from the masks) | mean a | mean a^{stage.beta:g} |\n|---|---|---|")
+    print(f"| pairs (from the masks) | mean a | mean a^{walk_config.beta:g} |\n|---|---|---|")
     for row, kind in enumerate(("same class, background", "same class, object", "different classes")):
         n = max(stats[row, 0], 1)
         print(f"| {kind} | {stats[row, 1] / n:.3f} | {stats[row, 2] / n:.3f} |")
     start, walked = (evaluators[k].summary() for k in ("start", "walk"))
     print(f"\nJ of the start probabilities ({config.refine.background} background): {100 * start['miou']:.1f} %, "
-          f"after the walk (log t {stage.log_t}): {100 * walked['miou']:.1f} %; "
+          f"after the walk (log t {walk_config.log_t}): {100 * walked['miou']:.1f} %; "
           f"F {100 * start['contour_f']:.1f} -> {100 * walked['contour_f']:.1f} %")
 
 

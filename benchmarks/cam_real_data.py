@@ -33,8 +33,8 @@ import shutil
 import time
 from pathlib import Path
 
-from weakseg.data import build_dataset, load_dataset_config, with_absolute_paths
-from weakseg.steps import infer_cam, train_cam
+from weakseg.data import build_dataset, dataset_from_file, load_dataset_config, with_absolute_paths
+from weakseg.steps import infer_cam, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ DATA = {"voc": ROOT / "configs" / "data" / "voc_shared.yaml", "nyu": ROOT / "con
 RECIPES = {
     "voc": {
         "baseline GAP": ("voc_cam_gap.yaml", []),
-        "+ISL (binomial)": ("voc_cam_gap.yaml", ["loss.classification.kind=isl_binomial"]),
-        "+FSL": ("voc_cam_gap.yaml", ["loss.fsl={upsample: 4}"]),
+        "+ISL (binomial)": ("voc_cam_gap.yaml", ["train_cam.loss.classification.kind=isl_binomial"]),
+        "+FSL": ("voc_cam_gap.yaml", ["train_cam.loss.fsl={upsample: 4}"]),
         "+ISL/FSL binomial (hfpl)": ("voc_cam_hfpl.yaml", []),
         "+ISL/FSL multinomial (icam)": ("voc_cam_icam.yaml", []),
         # Base methods of issue 5 (VOC has no depth here, so no DEAL rows on VOC).
@@ -72,7 +72,7 @@ RECIPES = {
 
 
 # Overrides shared by every row of a dataset: the CPU-sized schedule on top of the configs.
-SCHEDULE = {"voc": [], "nyu": ["train.epochs=2"]}
+SCHEDULE = {"voc": [], "nyu": ["train_cam.train.epochs=2"]}
 
 
 def dataset_override(path: Path) -> str:
@@ -109,19 +109,28 @@ def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, r
     record = out / f"seed{seed}" / "bench_metrics.json"
     if reuse and record.is_file():
         return json.loads(record.read_text())
-    config, _ = train_cam.load_config(ROOT / "configs" / config_file, overrides)
     run_dir = out / f"seed{seed}"
+    config_path = ROOT / "configs" / config_file
+    overrides = overrides + [f"train_cam.train.seed={seed}", f"out={run_dir}"]
     started = time.perf_counter()
-    trained = train_cam.run(ROOT / "configs" / config_file, overrides + [f"train.seed={seed}", f"out={run_dir}"])
-    metrics = infer_cam.run(trained["cam_model"], eval_data or DATA[dataset], run_dir / "infer", scales=config.infer.scales,
-                            flip=config.infer.flip)
+    # The step commands, so that RUN/train_cam (and, on the training images, RUN/infer_cam) are
+    # step folders that `weakseg infer-cam` / `weakseg refine` with the same overrides continue.
+    trained = pipeline.run_step("train_cam", config_path, overrides, log=lambda line: None)
+    if eval_data is None:
+        metrics = pipeline.run_step("infer_cam", config_path, overrides, log=lambda line: None)
+        cam_dir = run_dir / "infer_cam"
+    else:  # held-back images: the step's own function on another dataset
+        config, _ = pipeline.load_config(config_path, overrides)
+        cam_dir = run_dir / "infer_heldback"
+        metrics = infer_cam.infer_cams(run_dir / "train_cam" / "cam_model.pt", dataset_from_file(eval_data), cam_dir,
+                                       config.infer_cam)
     metrics["seconds"] = time.perf_counter() - started
     metrics["final_loss"] = trained["epoch_losses"][-1]
     metrics = {k: metrics.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
     record.write_text(json.dumps(metrics, indent=2))
     if not keep_cams:
         # The tables need only the metrics; a NYUv2 run's CAM arrays take about 2.7 GB.
-        shutil.rmtree(run_dir / "infer" / "cams")
+        shutil.rmtree(cam_dir / "cams")
     return metrics
 
 
@@ -140,7 +149,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reuse", action="store_true", help="reuse bench_metrics.json of finished runs")
     parser.add_argument("--keep-cams", action="store_true",
-                        help="keep each run's infer/cams/ arrays (default: delete them once scored)")
+                        help="keep each run's infer_cam/cams/ arrays (default: delete them once scored)")
     parser.add_argument("--train-data", type=Path, default=None,
                         help="dataset config to train every row on instead of the recipe's (e.g. a split)")
     parser.add_argument("--eval-data", type=Path, default=None,

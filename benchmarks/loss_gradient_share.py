@@ -21,8 +21,8 @@ import torch
 from weakseg.data import build_dataset
 from weakseg.data.tensor import normalize
 from weakseg.losses.terms import build_terms
-from weakseg.steps import train_cam
-from weakseg.steps.infer_cam import load_cam_model
+from weakseg.steps import pipeline
+from weakseg.steps.model_files import load_cam_model
 from weakseg.train.trainer import AugmentedDataset
 
 
@@ -34,13 +34,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
 
-    config, base_dir = train_cam.load_config(args.config)
+    config, base_dir = pipeline.load_config(args.config)
     model, _ = load_cam_model(args.checkpoint, torch.device("cpu"))
     model.train()  # BatchNorm as in training; nothing is updated
     dataset = build_dataset(config.dataset, base_dir)
-    terms = build_terms(config.loss, torch.Generator().manual_seed(0))
+    terms = build_terms(config.train_cam.loss, torch.Generator().manual_seed(0))
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
-    data = AugmentedDataset(dataset, config.train.augment, 0, need_depth)
+    data = AugmentedDataset(dataset, config.train_cam.train.augment, 0, need_depth)
     values: dict[str, list[float]] = {t.name: [] for t in terms}
     norms: dict[str, list[float]] = {t.name: [] for t in terms}
     for b in range(args.batches):

@@ -28,7 +28,6 @@ from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.data.transforms import resize_nearest
 from weakseg.refine.affinity import (
-    AFFINITY_ALPHA_PRESETS,
     PAIR_BG_POS,
     PAIR_FG_POS,
     PAIR_NEG,
@@ -89,16 +88,16 @@ def main() -> None:
     bg = dataset.background_index
     if bg is None:
         raise SystemExit("this diagnosis needs a dataset with a background class")
-    cam_dir = args.run / "cam"
+    cam_dir = args.run / "infer_cam"
 
     refiners = {}
-    stage = config.refine.affinity
-    radius = stage.train.radius
+    stage = config.refine.walk
+    radius = stage.radius
     affinity_net = None
     if "walk" in args.refiners:
-        checkpoint = args.run / "refined" / "affinity" / "checkpoint.pt"
+        checkpoint = args.run / "train_affinity" / "affinity_model.pt"
         if not checkpoint.exists():
-            raise SystemExit(f"{checkpoint}: no trained AffinityNet (run with refine.method: affinity_rw)")
+            raise SystemExit(f"{checkpoint}: no trained AffinityNet (run with a train_affinity section)")
         affinity_net = AffinityNet.from_checkpoint(checkpoint)
         for log_t in args.log_ts or [stage.log_t]:
             refiners[f"walk t=2^{log_t}"] = RandomWalk(affinity_net, stage.beta, log_t, radius)
@@ -116,9 +115,9 @@ def main() -> None:
         refiners["pamr"] = PAMR()
     refiner_names = [r for r in args.refiners if r == "none" or r in refiners]
 
-    preset = config.refine.affinity.preset
-    low, high = AFFINITY_ALPHA_PRESETS[preset] if preset else (config.refine.affinity.train.alpha_low,
-                                                             config.refine.affinity.train.alpha_high)
+    if config.train_affinity is None:
+        raise SystemExit("the run's config has no train_affinity section: no affinity-label powers to diagnose")
+    low, high = config.train_affinity.alphas()
     label_counts = np.zeros((3, 2), dtype=np.int64)  # rows fg/bg/ignored; cols (pixels, right)
     variants = background_variants(args)
     evaluators = {(v, r): SegEvaluator(dataset.class_names, bg) for v, _ in variants for r in refiner_names}

@@ -24,6 +24,7 @@ the baseline does not have is marked n/a. Rows:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -107,18 +108,25 @@ def short_run_j(job: dict) -> float:
     import torch
     import yaml
 
-    from weakseg.steps import infer_cam, train_cam
-
     work = Path(tempfile.mkdtemp())
-    config = {"dataset": job["dataset"], "model": job["model"], "loss": job.get("loss", {}),
-              "train": {"epochs": job["j_epochs"], "batch_size": job["batch"], "optimizer": "sgd", "lr": 0.01, "seed": 0,
-                        "augment": {"crop_size": job["crop"], "scale_range": [0.9, 1.1]}, **job.get("train", {})},
-              "out": str(work / "train")}
-    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    train = {"epochs": job["j_epochs"], "batch_size": job["batch"], "optimizer": "sgd", "lr": 0.01, "seed": 0,
+             "augment": {"crop_size": job["crop"], "scale_range": [0.9, 1.1]}, **job.get("train", {})}
     torch.manual_seed(0)
-    result = train_cam.run(work / "c.yaml")
-    (work / "d.yaml").write_text(yaml.safe_dump(job["dataset"]))
-    return infer_cam.run(result["cam_model"], work / "d.yaml", work / "infer", [1.0], True)["miou"]
+    if importlib.util.find_spec("weakseg.steps.model_files") is None:  # a baseline from before the step model
+        from weakseg.steps import infer_cam, train_cam
+
+        config = {"dataset": job["dataset"], "model": job["model"], "loss": job.get("loss", {}), "train": train,
+                  "out": str(work / "train")}
+        (work / "c.yaml").write_text(yaml.safe_dump(config))
+        result = train_cam.run(work / "c.yaml")
+        (work / "d.yaml").write_text(yaml.safe_dump(job["dataset"]))
+        return infer_cam.run(result["cam_model"], work / "d.yaml", work / "infer", [1.0], True)["miou"]
+    from weakseg.steps import pipeline
+
+    config = {"dataset": job["dataset"], "out": str(work / "run"), "infer_cam": {"scales": [1.0], "flip": True},
+              "train_cam": {"model": job["model"], "loss": job.get("loss", {}), "train": train}}
+    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    return pipeline.run(work / "c.yaml", log=lambda line: None)["stages"]["cam"]["miou"]
 
 
 def child_data(job: dict) -> dict:
@@ -141,7 +149,6 @@ def child_data(job: dict) -> dict:
 
 def child_infer(job: dict) -> dict:
     import torch
-    import yaml
 
     from weakseg.data import build_dataset
     from weakseg.models.factory import ModelConfig, SegModelConfig, build_model, build_seg_model
@@ -151,21 +158,32 @@ def child_infer(job: dict) -> dict:
     dataset.ids = dataset.ids[: job["images"]]
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
+    try:  # the step model (issue 15): model files in one module, steps configured by dataclasses
+        from weakseg.steps import model_files
+    except ImportError:  # a baseline from before it
+        model_files = None
     if job["kind"] == "cam_infer":
         from weakseg.steps import infer_cam
-        from weakseg.steps.train_cam import save_cam_model
 
         config = ModelConfig(**job["model"])
-        save_cam_model(work / "cam_model.pt", build_model(config, len(dataset.foreground_ids)), config, dataset)
-        (work / "d.yaml").write_text(yaml.safe_dump(job["dataset"]))
-        run = lambda: infer_cam.run(work / "cam_model.pt", dataset, work / "out", [1.0], True)  # noqa: E731
+        save = model_files.save_cam_model if model_files else __import__("weakseg.steps.train_cam").steps.train_cam.save_cam_model
+        save(work / "cam_model.pt", build_model(config, len(dataset.foreground_ids)), config, dataset)
+        if model_files:
+            settings = infer_cam.InferCamConfig(scales=[1.0], flip=True)
+            run = lambda: infer_cam.infer_cams(work / "cam_model.pt", dataset, work / "out", settings)  # noqa: E731
+        else:
+            run = lambda: infer_cam.run(work / "cam_model.pt", dataset, work / "out", [1.0], True)  # noqa: E731
     else:
         from weakseg.steps import predict
-        from weakseg.steps.train_seg import save_seg_model
 
         config = SegModelConfig(**job["model"])
-        save_seg_model(work / "seg_model.pt", build_seg_model(config, dataset.num_classes), config, dataset)
-        run = lambda: predict.run(work / "seg_model.pt", dataset, work / "out", predict.SegInferConfig([1.0], True))  # noqa: E731
+        save = model_files.save_seg_model if model_files else __import__("weakseg.steps.train_seg").steps.train_seg.save_seg_model
+        save(work / "seg_model.pt", build_seg_model(config, dataset.num_classes), config, dataset)
+        if model_files:
+            settings = predict.PredictConfig([1.0], True)
+            run = lambda: predict.predict(work / "seg_model.pt", dataset, work / "out", settings)  # noqa: E731
+        else:
+            run = lambda: predict.run(work / "seg_model.pt", dataset, work / "out", predict.SegInferConfig([1.0], True))  # noqa: E731
     start = time.perf_counter()
     run()
     return {"images_per_s": job["images"] / (time.perf_counter() - start)}

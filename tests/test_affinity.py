@@ -359,9 +359,10 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     dataset = build_dataset({"kind": "synthetic", "num_images": 4, "image_size": 32})
     write_fake_cams(dataset, tmp_path / "infer")
     config = AffinityTrainConfig(
-        epochs=6, batch_size=4, optimizer="adamw", lr=0.01, device="cpu", radius=5, alpha_low=2, alpha_high=4,
+        epochs=6, batch_size=4, optimizer="adamw", lr=0.01, device="cpu",
         augment=AugmentConfig(crop_size=None, hflip_prob=0.5),
     )
+    pairs = {"radius": 5, "alphas": (2, 4)}
     label_maps = []
     for i in range(len(dataset)):
         s = dataset[i]
@@ -375,7 +376,7 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
         return AffinityNet("tiny_cnn", dim=16, width=8)
 
     before = eval_loss(fresh(), dataset, label_maps, 5)
-    model = train_affinity(fresh(), dataset, tmp_path / "infer", config, tmp_path / "a")
+    model = train_affinity(fresh(), dataset, tmp_path / "infer", config, tmp_path / "a", **pairs)
     after = eval_loss(model, dataset, label_maps, 5)
     assert after < 0.8 * before, (before, after)
     # cached labels equal the labels computed here
@@ -394,10 +395,10 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train_affinity(fresh(), dataset, tmp_path / "infer", config, tmp_path / "b", on_step=stop_at)
+        train_affinity(fresh(), dataset, tmp_path / "infer", config, tmp_path / "b", on_step=stop_at, **pairs)
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 3
-    resumed = train_affinity(fresh(), dataset, tmp_path / "infer", config, tmp_path / "b")
+    resumed = train_affinity(fresh(), dataset, tmp_path / "infer", config, tmp_path / "b", **pairs)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

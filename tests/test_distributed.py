@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,8 @@ TRAIN = {"epochs": 2, "batch_size": 8, "optimizer": "sgd", "lr": 0.01, "momentum
          "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5}}
 CAM = {
     "dataset": {"kind": "synthetic", "num_images": 45, "image_size": 32},
-    "model": MODEL,
-    "loss": {"classification": {"kind": "gap"}, "fsl": {"upsample": 1}},
-    "train": TRAIN,
-    "infer": {"scales": [1.0], "flip": True},
+    "train_cam": {"model": MODEL, "loss": {"classification": {"kind": "gap"}, "fsl": {"upsample": 1}}, "train": TRAIN},
+    "infer_cam": {"scales": [1.0], "flip": True},
 }
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found beside {sys.executable}")
@@ -63,26 +62,24 @@ def log_values(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cam_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    (root / "data.yaml").write_text(yaml.safe_dump(CAM["dataset"]))
     runs = {}
     for processes in (1, 2):
         out = root / f"p{processes}"
         config = root / f"p{processes}.yaml"
         config.write_text(yaml.safe_dump(CAM | {"out": str(out)}))
         launch(["train-cam", str(config)], processes, root)
-        launch(["infer-cam", "--checkpoint", str(out / "cam_model.pt"), "--data", str(root / "data.yaml"),
-                "--out", str(out / "infer"), "--scales", "1.0"], processes, root)
+        launch(["infer-cam", str(config)], processes, root)
         runs[processes] = out
     return runs
 
 
 def test_two_gloo_processes_train_the_same_network(cam_runs):
-    one, two = (load(cam_runs[p] / "cam_model.pt") for p in (1, 2))
+    one, two = (load(cam_runs[p] / "train_cam" / "cam_model.pt") for p in (1, 2))
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
     # The log holds the global batch means on both: 12 steps (6 per epoch, the last of 5 images).
-    a, b = log_values(cam_runs[1] / "log.csv"), log_values(cam_runs[2] / "log.csv")
+    a, b = log_values(cam_runs[1] / "train_cam" / "log.csv"), log_values(cam_runs[2] / "train_cam" / "log.csv")
     assert a.shape == b.shape == (12, 3)
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
     assert a[-1, 0] < a[0, 0]  # it learned
@@ -91,40 +88,43 @@ def test_two_gloo_processes_train_the_same_network(cam_runs):
 def test_ddp_network_gives_the_same_cam_metrics(cam_runs):
     # Each run's CAMs from its own weights (within 1e-5 of each other): the metrics agree to
     # well within a pixel's worth, and every image has its CAM file.
-    one, two = cam_runs[1] / "infer", cam_runs[2] / "infer"
+    one, two = cam_runs[1] / "infer_cam", cam_runs[2] / "infer_cam"
     metrics = [json.loads((d / "cam_metrics.json").read_text()) for d in (one, two)]
     assert metrics[1]["miou"] == pytest.approx(metrics[0]["miou"], abs=2e-3)
     names = sorted(p.name for p in (one / "cams").iterdir())
     assert names == sorted(p.name for p in (two / "cams").iterdir()) and len(names) == 45
-    assert json.loads((cam_runs[2] / "run.json").read_text())["host"]["world_size"] == 2
+    assert json.loads((cam_runs[2] / "train_cam" / "run.json").read_text())["host"]["world_size"] == 2
 
 
 def test_sharded_inference_of_one_checkpoint_is_identical(cam_runs, tmp_path):
     # The same weights file inferred by two ranks (each writes every other image; the sweep's
     # and the metrics' counts are summed over the ranks): exactly what one process writes.
-    data = cam_runs[1].parent / "data.yaml"
-    checkpoint = cam_runs[1] / "cam_model.pt"
-    launch(["infer-cam", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "two"),
-            "--scales", "1.0"], 2, tmp_path)
-    one, two = cam_runs[1] / "infer", tmp_path / "two"
+    # The one-process run's train_cam folder, copied into a run folder of the same config.
+    shutil.copytree(cam_runs[1] / "train_cam", tmp_path / "two" / "train_cam")
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(CAM | {"out": str(tmp_path / "two")}))
+    launch(["infer-cam", str(config)], 2, tmp_path)
+    one, two = cam_runs[1] / "infer_cam", tmp_path / "two" / "infer_cam"
     assert json.loads((one / "cam_metrics.json").read_text()) == json.loads((two / "cam_metrics.json").read_text())
     for path in sorted((one / "cams").iterdir()):
         with np.load(path) as a, np.load(two / "cams" / path.name) as b:
             assert a.files == b.files
             for key in a.files:
                 np.testing.assert_array_equal(a[key], b[key])
-    for path in sorted((one / "pseudo_labels").iterdir()):
-        assert path.read_bytes() == (two / "pseudo_labels" / path.name).read_bytes()
+    for path in sorted((one / "cam_labels").iterdir()):
+        assert path.read_bytes() == (two / "cam_labels" / path.name).read_bytes()
 
 
 def test_pipeline_under_torchrun_matches_one_process(tmp_path):
     config = {
         "dataset": {"kind": "synthetic", "num_images": 24, "image_size": 32},
-        "cam": {"model": MODEL, "loss": {"classification": {"kind": "gap"}}, "train": TRAIN,
-                "infer": {"scales": [1.0], "flip": False}},
+        "train_cam": {"model": MODEL, "loss": {"classification": {"kind": "gap"}}, "train": TRAIN},
+        "infer_cam": {"scales": [1.0], "flip": False},
         "refine": {"method": "pamr", "pamr_iterations": 2},
         "pseudo_labels": {"confidence": 0.3},
-        "seg": {"model": {**MODEL, "aspp_channels": 8}, "train": TRAIN, "infer": {"scales": [1.0], "flip": False}},
+        "train_seg": {"model": {**MODEL, "aspp_channels": 8}, "train": TRAIN},
+        "predict": {"scales": [1.0], "flip": False},
+        "evaluate": {},
     }
     results = {}
     for processes in (1, 2):

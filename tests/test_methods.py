@@ -159,13 +159,13 @@ def test_one_step_lowers_the_loss(method, addon):
 
 
 def test_seam_without_its_terms_is_refused(tmp_path):
-    from weakseg.steps import train_cam
+    from weakseg.steps import pipeline
 
-    data = {"dataset": DATASET, "model": METHODS["seam"]["model"], "loss": {"classification": {"kind": "gap"}},
-            "out": str(tmp_path / "run")}
+    data = {"dataset": DATASET, "out": str(tmp_path / "run"),
+            "train_cam": {"model": METHODS["seam"]["model"], "loss": {"classification": {"kind": "gap"}}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="loss.seam"):
-        train_cam.run(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="train_cam.loss.seam"):
+        pipeline.run_step("train_cam", tmp_path / "c.yaml")
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
@@ -185,12 +185,15 @@ def test_cli_train_cam_and_infer_cam(tmp_path, method, addon):
     then infer-cam reads the method's inference output, here at 40 px, which a ViT with 16 px
     patches cannot tile: the padding path of inference is exercised."""
     config = {
-        "dataset": DATASET,
-        "model": METHODS[method]["model"],
-        "loss": loss_mapping(method, addon),
-        "train": {"epochs": 1, "batch_size": 4, "optimizer": "adamw", "lr": 0.001, "max_steps_per_epoch": 2,
-                  "augment": {"crop_size": 48, "scale_range": [1.0, 1.0], "hflip_prob": 0.5}},
-        "infer": {"scales": [1.0], "flip": True},
+        # 40 px images, trained in 48 px crops (padded); inference at 40 px
+        "dataset": dict(DATASET, num_images=8, image_size=40),
+        "train_cam": {
+            "model": METHODS[method]["model"],
+            "loss": loss_mapping(method, addon),
+            "train": {"epochs": 1, "batch_size": 2, "optimizer": "adamw", "lr": 0.001, "max_steps_per_epoch": 2,
+                      "augment": {"crop_size": 48, "scale_range": [1.0, 1.0], "hflip_prob": 0.5}},
+        },
+        "infer_cam": {"scales": [1.0], "flip": True},
         "out": str(tmp_path / "run"),
     }
     path = tmp_path / "config.yaml"
@@ -198,26 +201,21 @@ def test_cli_train_cam_and_infer_cam(tmp_path, method, addon):
     runner = CliRunner()
     result = runner.invoke(app, ["train-cam", str(path)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    log = (tmp_path / "run" / "train_cam" / "log.csv").read_text().splitlines()
     assert len(log) == 1 + 2  # header + 2 steps
-    data = tmp_path / "data.yaml"
-    data.write_text(yaml.safe_dump({"dataset": dict(DATASET, num_images=2, image_size=40)}))
-    result = runner.invoke(app, ["infer-cam", "--checkpoint", str(tmp_path / "run" / "cam_model.pt"),
-                                 "--data", str(data), "--out", str(tmp_path / "cams"), "--scales", "1.0"])
+    result = runner.invoke(app, ["infer-cam", str(path)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    files = sorted((tmp_path / "cams" / "cams").glob("*.npz"))
-    assert len(files) == 2
-    with np.load(files[0]) as arrays:
-        cams = arrays["cams"]
-        assert cams.shape[1:] == (40, 40) and np.isfinite(cams).all() and 0 <= cams.min() and cams.max() <= 1
-    if addon == "none":  # --output picks another map (e.g. SEAM's raw CAM); an unknown one is one clear error
-        base = ["infer-cam", "--checkpoint", str(tmp_path / "run" / "cam_model.pt"), "--data", str(data), "--scales", "1.0"]
-        result = runner.invoke(app, base + ["--out", str(tmp_path / "raw"), "--output", "cams"])
+    files = sorted((tmp_path / "run" / "infer_cam" / "cams").glob("*.npz"))
+    assert len(files) == 8
+    cams = [np.load(path)["cams"] for path in files]
+    for cam in cams:
+        assert cam.shape[1:] == (40, 40) and np.isfinite(cam).all() and 0 <= cam.min() and cam.max() <= 1
+    if addon == "none":  # infer_cam.output picks another map (e.g. SEAM's raw CAM); an unknown one is one clear error
+        result = runner.invoke(app, ["infer-cam", str(path), "infer_cam.output=cams"])
         assert result.exit_code == 0, result.output + repr(result.exception)
-        with np.load(tmp_path / "raw" / "cams" / files[0].name) as arrays:
-            same = np.array_equal(arrays["cams"], cams)
+        same = all(np.array_equal(np.load(path)["cams"], cam) for path, cam in zip(files, cams))
         assert same == (make_model(method).inference_output == "cams")
-        result = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--output", "nope"])
+        result = runner.invoke(app, ["infer-cam", str(path), "infer_cam.output=nope"])
         assert result.exit_code != 0 and "nope" in (result.output + str(result.exception))
 
 

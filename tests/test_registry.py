@@ -37,10 +37,10 @@ def test_a_new_refiner_is_one_decorated_function(tmp_path):
     for i in range(2):
         sample = dataset[i]
         cams = np.full((len(sample.present_class_ids), 24, 24), 0.8, np.float32)
-        save_cams(tmp_path / "cam" / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids)
-    result = refine_step.run(dataset, tmp_path / "cam", tmp_path / "refined", config)
+        save_cams(tmp_path / "infer_cam" / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids)
+    result = refine_step.run(config, dataset, tmp_path)  # reads RUN/infer_cam, writes RUN/refine
     assert result["method"] == "test_sharpen"
-    with np.load(tmp_path / "refined" / "probs" / f"{dataset.ids[0]}.npz") as data:
+    with np.load(tmp_path / "refine" / "probs" / f"{dataset.ids[0]}.npz") as data:
         probs = data["probs"].astype(np.float32)
     # Background 0.5 against classes 0.8: squared and renormalised, as the refiner says.
     k = probs.shape[0] - 1

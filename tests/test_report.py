@@ -1,8 +1,8 @@
 """`weakseg report`: the HTML page of run folders shows the numbers of the run's files.
 
 Two small pipeline runs are made once for the module (about 6 s on one thread): a complete
-one and one stopped with --to refined. The page is parsed and compared, value by value,
-with results.json, final/metrics.json, the label maps and the dataset; headless Chromium
+one and one stopped with --to refine. The page is parsed and compared, value by value,
+with results.json, evaluate/metrics.json, the label maps and the dataset; headless Chromium
 then renders it and the screenshot is checked for the charts and the thumbnails."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from weakseg.data import build_dataset
 from weakseg.data.io import read_label_map
 from weakseg.errors import DataError, WeaksegError
 from weakseg.report import write_report
-from weakseg.report.html import OVERLAY_COLUMNS, STEP_ORDER
+from weakseg.report.html import OVERLAY_COLUMNS, STEP_NAMES
 from weakseg.report.plots import STAGE_COLOURS, nice_ticks
 
 STAGES = ("cam", "refined", "pseudo_labels", "final")
@@ -126,7 +126,7 @@ def _make_run(folder: Path, name: str, to_step: str | None) -> Path:
 
     config = json.loads(json.dumps(SMALL))
     # Few epochs: the report needs real files, not a good network.
-    config["seg"]["train"]["epochs"] = 2
+    config["train_seg"]["train"]["epochs"] = 2
     config["out"] = str(folder / name)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -137,7 +137,7 @@ def _make_run(folder: Path, name: str, to_step: str | None) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, single_thread):
     folder = tmp_path_factory.mktemp("runs")
-    return {"full": _make_run(folder, "full", None), "early": _make_run(folder, "early", "refined")}
+    return {"full": _make_run(folder, "full", None), "early": _make_run(folder, "early", "refine")}
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +174,27 @@ def test_metrics_table_shows_results_json(runs, report):
                 assert shown[(run, stage)] == [percent(stages[stage][k]) for k in METRIC_KEYS]
             else:
                 assert shown[(run, stage)] == ["—"] * 4
-    # --to refined stopped before pseudo_labels and final: those rows are the "—" ones.
+    # --to refine stopped before pseudo_labels and final: those rows are the "—" ones.
     assert set(results_of(runs["early"])["stages"]) == {"cam", "refined"}
 
 
 def test_seconds_table_shows_each_step(runs, report):
     table = parse(report).find("table", cls="seconds")
+    # A column per step that some run has (neither ran train_affinity), in pipeline order.
+    present = [s for s in STEP_NAMES if any(s in results_of(runs[r])["seconds"] for r in ("full", "early"))]
+    assert "train_affinity" not in present and len(present) == 7
     for run in ("full", "early"):
         seconds = results_of(runs[run])["seconds"]
-        for step in STEP_ORDER:
+        for step in present:
             cell = table.find("td", data_run=run, data_step=step)
             assert cell.text() == (f"{seconds[step]:.1f}" if step in seconds else "—")
-    assert set(results_of(runs["early"])["seconds"]) == {"cam_train", "cam", "refined"}
+    assert set(results_of(runs["early"])["seconds"]) == {"train_cam", "infer_cam", "refine"}
 
 
 def test_step_order_is_the_pipelines():
     from weakseg.steps import pipeline
 
-    assert STEP_ORDER == pipeline.STEPS
+    assert STEP_NAMES == tuple(step.name for step in pipeline.STEPS)
 
 
 def test_scatter_has_one_point_per_run_and_stage_at_its_j_and_f(runs, report):
@@ -234,7 +237,7 @@ def test_nice_ticks_cover_the_range_in_round_steps():
 
 def test_per_class_bars_are_proportional_to_the_final_iou(runs, report):
     page = parse(report)
-    per_class = json.loads((runs["full"] / "final" / "metrics.json").read_text())["per_class_iou"]
+    per_class = json.loads((runs["full"] / "evaluate" / "metrics.json").read_text())["per_class_iou"]
     config = yaml.safe_load((runs["full"] / "config.yaml").read_text())
     class_names = list(build_dataset(config["dataset"]).class_names)
     # Only the complete run has a final network; the early one gets a note instead of bars.
@@ -258,7 +261,7 @@ def test_per_class_bars_are_proportional_to_the_final_iou(runs, report):
 def test_absent_class_is_na_not_zero(runs, tmp_path):
     run = tmp_path / "full"
     shutil.copytree(runs["full"], run)
-    metrics_path = run / "final" / "metrics.json"
+    metrics_path = run / "evaluate" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["per_class_iou"]["ring"] = None  # as SegEvaluator writes an absent class
     metrics["per_class_iou"]["box"] = float("nan")  # and NaN, were a writer to keep it
@@ -299,7 +302,7 @@ def test_overlay_grid_has_five_columns_per_image_and_true_colours(runs, report):
         for column, label in (
             ("ground truth", sample.mask),
             ("pseudo-label", read_label_map(runs["full"] / "pseudo_labels" / "labels" / f"{sample.id}.png")),
-            ("prediction", read_label_map(runs["full"] / "final" / "pred" / f"{sample.id}.png")),
+            ("prediction", read_label_map(runs["full"] / "predict" / "pred" / f"{sample.id}.png")),
         ):
             big = upscaled(label)
             colours = np.zeros(big.shape + (3,), np.float32)
@@ -308,7 +311,7 @@ def test_overlay_grid_has_five_columns_per_image_and_true_colours(runs, report):
             expected = image * 0.4 + colours * 0.6
             assert np.abs(thumbs[column].astype(np.float32) - expected).max() <= 1.0, column
         # CAM column: 0.5 image + 0.5 heat map; the heat is red where the CAM peaks, blue where it is 0.
-        with np.load(runs["full"] / "cam" / "cams" / f"{sample.id}.npz") as data:
+        with np.load(runs["full"] / "infer_cam" / "cams" / f"{sample.id}.npz") as data:
             strongest = data["cams"].astype(np.float32).max(axis=0)
         heat = thumbs["CAM"].astype(np.float32) * 2 - image
         hot = np.unravel_index(np.argmax(strongest), strongest.shape)
@@ -319,7 +322,7 @@ def test_overlay_grid_has_five_columns_per_image_and_true_colours(runs, report):
         assert heat[hy, hx, 0] > heat[hy, hx, 2] + 40
         assert heat[cy, cx, 2] > heat[cy, cx, 0] + 40
 
-    # The run stopped after `refined`: image, CAM and ground truth only; the rest say why.
+    # The run stopped after `refine`: image, CAM and ground truth only; the rest say why.
     early = page.find("table", cls="overlays", data_run="early")
     assert [img.attrs["data-column"] for img in early.find_all("img")] == ["image", "CAM", "ground truth"] * MAX_IMAGES
     empty = [d.text() for d in early.find_all("div", cls="empty-cell")]

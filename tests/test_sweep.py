@@ -156,12 +156,16 @@ def test_split_cli_args():
             sweep.split_cli_args(tokens)
 
 
-def test_seed_keys_cover_every_trainer():
-    from weakseg.steps.pipeline import PipelineConfig
-    from weakseg.steps.train_cam import CAMRunConfig
+def test_seed_keys_cover_every_trainer_the_config_runs(tmp_path):
+    from weakseg.steps import pipeline
 
-    assert set(sweep.seed_keys(PipelineConfig)) == {"cam.train.seed", "refine.affinity.train.seed", "seg.train.seed"}
-    assert sweep.seed_keys(CAMRunConfig) == ["train.seed"]
+    with_affinity = dict(PIPELINE, train_affinity={}, refine={"method": "affinity_rw"})
+    config, _ = pipeline.load_config(_write(tmp_path, "a.yaml", with_affinity))
+    assert pipeline.sweep_seed_keys(config) == ["train_cam.train.seed", "train_affinity.train.seed",
+                                                "train_seg.train.seed"]
+    # a step the config does not run gets no seed (setting one would add the step)
+    config, _ = pipeline.load_config(_write(tmp_path, "c.yaml", CAM_CONFIG))
+    assert pipeline.sweep_seed_keys(config) == ["train_cam.train.seed"]
 
 
 # ---------------------------------------------------------------- end to end
@@ -170,16 +174,17 @@ TRAIN = {"epochs": 2, "batch_size": 8, "optimizer": "adamw", "lr": 0.01, "weight
          "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5}}
 DATASET = {"kind": "synthetic", "num_images": 16, "image_size": 32}
 TINY = {"backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4}}
-PIPELINE = {
-    "dataset": DATASET,
-    "cam": {"model": TINY, "loss": {"classification": {"kind": "gap"}}, "train": TRAIN,
-            "infer": {"scales": [1.0], "flip": False}},
-    "refine": {"method": "pamr", "pamr_iterations": 2},
-    "pseudo_labels": {"confidence": 0.3},
-    "seg": {"model": dict(TINY, aspp_channels=8), "train": dict(TRAIN, epochs=1), "infer": {"scales": [1.0], "flip": False}},
-}
-CAM_CONFIG = {"dataset": DATASET, "model": TINY, "loss": {"classification": {"kind": "gap"}}, "train": TRAIN,
-              "infer": {"scales": [1.0], "flip": False}}
+CAM_CONFIG = {"dataset": DATASET, "train_cam": {"model": TINY, "loss": {"classification": {"kind": "gap"}}, "train": TRAIN},
+              "infer_cam": {"scales": [1.0], "flip": False}}
+PIPELINE = dict(
+    CAM_CONFIG,
+    refine={"method": "pamr", "pamr_iterations": 2},
+    pseudo_labels={"confidence": 0.3},
+    train_seg={"model": dict(TINY, aspp_channels=8), "train": dict(TRAIN, epochs=1)},
+    predict={"scales": [1.0], "flip": False},
+    evaluate={},
+)
+PIPELINE_STEPS = 7
 
 
 @pytest.fixture
@@ -203,30 +208,30 @@ def _weights(path):
 def test_pipeline_sweep_end_to_end(tmp_path, one_thread):
     config = _write(tmp_path, "pipe.yaml", PIPELINE)
     lines: list[str] = []
-    result = sweep.run(config, [0, 1], ["cam.infer.scales=[1.0],[0.5,1.0]"], None, log=lines.append)
+    result = sweep.run(config, [0, 1], ["infer_cam.scales=[1.0],[0.5,1.0]"], None, log=lines.append)
     out = tmp_path / "pipe_sweep"  # the config's out + _sweep
     jobs = sorted(p.relative_to(out).as_posix() for p in out.glob("*/seed*"))
-    assert jobs == ["cam.infer.scales=[0.5,1.0]/seed0", "cam.infer.scales=[0.5,1.0]/seed1",
-                    "cam.infer.scales=[1.0]/seed0", "cam.infer.scales=[1.0]/seed1"]
+    assert jobs == ["infer_cam.scales=[0.5,1.0]/seed0", "infer_cam.scales=[0.5,1.0]/seed1",
+                    "infer_cam.scales=[1.0]/seed0", "infer_cam.scales=[1.0]/seed1"]
     assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(result))
-    assert result["grid"] == {"cam.infer.scales": [[1.0], [0.5, 1.0]]}
+    assert result["grid"] == {"infer_cam.scales": [[1.0], [0.5, 1.0]]}
 
     table = (out / "sweep.md").read_text()
     csv_rows = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
     assert len(csv_rows) == 2 * 4  # combinations x stages
-    for scales, slug in (([1.0], "cam.infer.scales=[1.0]"), ([0.5, 1.0], "cam.infer.scales=[0.5,1.0]")):
+    for scales, slug in (([1.0], "infer_cam.scales=[1.0]"), ([0.5, 1.0], "infer_cam.scales=[0.5,1.0]")):
         # The grid value and the seed reached each job's saved config.
         for seed in (0, 1):
             saved = yaml.safe_load((out / slug / f"seed{seed}" / "config.yaml").read_text())
-            assert saved["cam"]["infer"]["scales"] == scales
-            assert saved["cam"]["train"]["seed"] == saved["seg"]["train"]["seed"] == seed
-            assert saved["refine"]["affinity"]["train"]["seed"] == seed
+            assert saved["infer_cam"]["scales"] == scales
+            assert saved["train_cam"]["train"]["seed"] == saved["train_seg"]["train"]["seed"] == seed
+            assert "train_affinity" not in saved  # not run, so not added by the seed
         # Different seeds, different networks.
-        first, second = (_weights(out / slug / f"seed{s}" / "cam_train" / "cam_model.pt") for s in (0, 1))
+        first, second = (_weights(out / slug / f"seed{s}" / "train_cam" / "cam_model.pt") for s in (0, 1))
         assert any(not torch.equal(first[k], second[k]) for k in first)
         # The aggregate is the mean / std of the per-job results.json, read here independently.
         results = [json.loads((out / slug / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
-        entry = next(e for e in result["combinations"] if e["combination"] == {"cam.infer.scales": scales})
+        entry = next(e for e in result["combinations"] if e["combination"] == {"infer_cam.scales": scales})
         assert list(entry["stages"]) == ["cam", "refined", "pseudo_labels", "final"]
         for stage in entry["stages"]:
             values = {m: [r["stages"][stage][m] for r in results] for m in sweep.METRICS}
@@ -234,7 +239,7 @@ def test_pipeline_sweep_end_to_end(tmp_path, one_thread):
                 got = entry["stages"][stage][metric]
                 assert got["mean"] == pytest.approx(statistics.mean(per_job), abs=1e-12)
                 assert got["std"] == pytest.approx(statistics.stdev(per_job), abs=1e-12)
-                row = next(r for r in csv_rows if r["cam.infer.scales"] == sweep.value_text(scales) and r["stage"] == stage)
+                row = next(r for r in csv_rows if r["infer_cam.scales"] == sweep.value_text(scales) and r["stage"] == stage)
                 assert float(row[f"{metric}_mean"]) == pytest.approx(statistics.mean(per_job), abs=1e-12)
             cells = [f"{100 * statistics.mean(values[m]):.1f} ± {100 * statistics.stdev(values[m]):.1f}"
                      for m in sweep.METRICS]
@@ -243,12 +248,12 @@ def test_pipeline_sweep_end_to_end(tmp_path, one_thread):
     assert any(len(set(e["stages"]["cam"]["miou"]["per_seed"].values())) == 2 for e in result["combinations"])
 
     # The same sweep again: every job is reused, no step runs, the numbers are the same.
-    model = out / "cam.infer.scales=[1.0]" / "seed0" / "cam_train" / "cam_model.pt"
+    model = out / "infer_cam.scales=[1.0]" / "seed0" / "train_cam" / "cam_model.pt"
     stamp = model.stat().st_mtime_ns
     lines.clear()
-    again = sweep.run(config, [0, 1], ["cam.infer.scales=[1.0],[0.5,1.0]"], None, log=lines.append)
+    again = sweep.run(config, [0, 1], ["infer_cam.scales=[1.0],[0.5,1.0]"], None, log=lines.append)
     assert not [line for line in lines if "running" in line]
-    assert sum("skipped" in line for line in lines) == 4 * 6  # jobs x pipeline steps
+    assert sum("skipped" in line for line in lines) == 4 * PIPELINE_STEPS  # jobs x pipeline steps
     assert model.stat().st_mtime_ns == stamp
     assert again == result
 
@@ -256,8 +261,8 @@ def test_pipeline_sweep_end_to_end(tmp_path, one_thread):
 def test_sweep_refuses_bad_requests_before_training(tmp_path):
     config = _write(tmp_path, "pipe.yaml", PIPELINE)
     for seeds, items, words in (
-        ([0], ["cam.train.epoks=1,2"], "epoks"),  # a misspelt key, found when the combination loads
-        ([0], ["cam.train.seed=1,2"], "--seeds"),
+        ([0], ["train_cam.train.epoks=1,2"], "epoks"),  # a misspelt key, found when the combination loads
+        ([0], ["train_cam.train.seed=1,2"], "--seeds"),
         ([0], ["out=a,b"], "--out"),
         ([0, 0], [], "repeated"),
         ([], [], "at least one seed"),
@@ -267,7 +272,7 @@ def test_sweep_refuses_bad_requests_before_training(tmp_path):
     assert not (tmp_path / "refused").exists()
     data_only = tmp_path / "data.yaml"
     data_only.write_text(yaml.safe_dump(DATASET))
-    with pytest.raises(ConfigError, match="neither a pipeline config"):
+    with pytest.raises(ConfigError, match="unknown key"):
         sweep.run(data_only, [0], [], tmp_path / "refused", log=lambda line: None)
 
 
@@ -276,15 +281,15 @@ def test_cam_config_sweep_reuses_and_retrains_a_changed_job(tmp_path, one_thread
     out = tmp_path / "sweep"
     lines: list[str] = []
     result = sweep.run(config, [0, 1], [], out, log=lines.append)
-    assert sum("training" in line for line in lines) == 2
+    assert sum("train_cam: running" in line for line in lines) == 2
     (entry,) = result["combinations"]
     assert entry["slug"] == "base" and list(entry["stages"]) == ["cam"]
     per_job = []
     for seed in (0, 1):
         job = out / "base" / f"seed{seed}"
-        assert yaml.safe_load((job / "config.yaml").read_text())["train"]["seed"] == seed
-        per_job.append(json.loads((job / "infer" / "cam_metrics.json").read_text()))
-    first, second = (_weights(out / "base" / f"seed{s}" / "cam_model.pt") for s in (0, 1))
+        assert yaml.safe_load((job / "config.yaml").read_text())["train_cam"]["train"]["seed"] == seed
+        per_job.append(json.loads((job / "infer_cam" / "cam_metrics.json").read_text()))
+    first, second = (_weights(out / "base" / f"seed{s}" / "train_cam" / "cam_model.pt") for s in (0, 1))
     assert any(not torch.equal(first[k], second[k]) for k in first)
     for metric in sweep.METRICS:
         values = [m[metric] for m in per_job]
@@ -292,29 +297,30 @@ def test_cam_config_sweep_reuses_and_retrains_a_changed_job(tmp_path, one_thread
         assert entry["stages"]["cam"][metric]["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
     assert "| cam | " in (out / "sweep.md").read_text()
 
-    # Again: reused from sweep_metrics.json, nothing trained, files untouched.
-    model = out / "base" / "seed0" / "cam_model.pt"
+    # Again: every step of both jobs skipped (their done.json), nothing trained, files untouched.
+    model = out / "base" / "seed0" / "train_cam" / "cam_model.pt"
     stamp = model.stat().st_mtime_ns
     lines.clear()
     assert sweep.run(config, [0, 1], [], out, log=lines.append) == result
-    assert sum("reused" in line for line in lines) == 2 and not [line for line in lines if "training" in line]
+    assert sum("skipped" in line for line in lines) == 2 * 2 and not [line for line in lines if "running" in line]
     assert model.stat().st_mtime_ns == stamp
 
     # The config file changed (one epoch): its recorded config no longer matches, so both
     # jobs train again from scratch (the old checkpoint is not resumed), and a third seed runs.
-    config.write_text(yaml.safe_dump(dict(CAM_CONFIG, train=dict(TRAIN, epochs=1), out=str(tmp_path / "cam"))))
+    one_epoch = dict(CAM_CONFIG["train_cam"], train=dict(TRAIN, epochs=1))
+    config.write_text(yaml.safe_dump(dict(CAM_CONFIG, train_cam=one_epoch, out=str(tmp_path / "cam"))))
     lines.clear()
     changed = sweep.run(config, [0, 1, 2], [], out, log=lines.append)
-    assert sum("training" in line for line in lines) == 3
-    log_rows = (out / "base" / "seed0" / "log.csv").read_text().splitlines()
+    assert sum("train_cam: running" in line for line in lines) == 3
+    log_rows = (out / "base" / "seed0" / "train_cam" / "log.csv").read_text().splitlines()
     assert len(log_rows) == 1 + 2  # header + 16 images / batch 8 for one epoch
     assert changed["combinations"][0]["stages"]["cam"]["miou"]["n"] == 3
 
-    # A folder the sweep did not make is never deleted.
-    foreign = tmp_path / "other" / "base" / "seed0"
+    # A folder weakseg did not make is never deleted.
+    foreign = tmp_path / "other" / "base" / "seed0" / "train_cam"
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not a sweep job folder"):
+    with pytest.raises(ConfigError, match="not a step folder"):
         sweep.run(config, [0], [], tmp_path / "other", log=lambda line: None)
     assert (foreign / "notes.txt").read_text() == "mine"
 
@@ -327,14 +333,15 @@ def test_cli_sweep_prints_the_table_and_records_the_sweep(tmp_path, one_thread):
 
     config = _write(tmp_path, "cam.yaml", CAM_CONFIG)
     out = tmp_path / "sweep"
-    result = CliRunner().invoke(app, ["sweep", str(config), "--seeds", "0", "1", "train.lr=0.01,0.003", "--out", str(out)])
+    key = "train_cam.train.lr"
+    result = CliRunner().invoke(app, ["sweep", str(config), "--seeds", "0", "1", f"{key}=0.01,0.003", "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "sweep.json").read_text())
-    assert [c["combination"] for c in saved["combinations"]] == [{"train.lr": 0.01}, {"train.lr": 0.003}]
-    for row in sweep.markdown_table(["train.lr"], saved["combinations"]).splitlines()[2:]:
+    assert [c["combination"] for c in saved["combinations"]] == [{key: 0.01}, {key: 0.003}]
+    for row in sweep.markdown_table([key], saved["combinations"]).splitlines()[2:]:
         assert row in result.output
     record = read_record(out)
     assert record["step"] == "sweep" and record["status"] == "completed" and record["config"]["seeds"] == [0, 1]
-    assert "0.003/seed1/cam_model.pt" in " ".join(record["outputs"]).replace("train.lr=", "")
-    bad = CliRunner().invoke(app, ["sweep", str(config), "train.lr=0.1"])
+    assert "0.003/seed1/train_cam/cam_model.pt" in " ".join(record["outputs"]).replace(f"{key}=", "")
+    bad = CliRunner().invoke(app, ["sweep", str(config), f"{key}=0.1"])
     assert bad.exit_code != 0 and "--seeds" in str(bad.exception or bad.output)

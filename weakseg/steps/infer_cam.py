@@ -1,47 +1,45 @@
-"""Step `infer-cam`: a trained CAM model + a dataset -> CAMs, pseudo-labels and CAM metrics.
+"""Step `infer_cam` (`weakseg infer-cam CONFIG`): the trained CAM network + the images ->
+CAMs, CAM label maps and CAM metrics.
 
-Reads:   CKPT (cam_model.pt from `train-cam`), a dataset config.
-Writes:  OUT/cams/<id>.npz          compressed float16 CAMs of the present classes
-                                     (`cams` (P, H, W) in [0, 1], `class_ids` (P,) mask ids;
-                                     with `with_probs`, `probs` (1 + P, H, W): the model's own
-                                     background + class probabilities, see infer_class_probs)
-         OUT/pseudo_labels/<id>.png palette PNGs at the background threshold
-         OUT/cam_metrics.json       when the dataset has masks: miou, contour_f, jf,
-                                     boundary_iou, best_threshold, per-class values, sweep
-The background threshold is the sweep's best when masks exist, else `threshold`.
+Config:  `infer_cam: InferCamConfig` (scales, flip, threshold, activation, output,
+         with_probs, fold_batchnorm, channels_last).
+Reads:   RUN/train_cam/cam_model.pt, the dataset (masks, when it has them, for the metrics
+         and the background-threshold sweep only).
+Writes:  RUN/infer_cam/cams/<id>.npz   compressed float16 CAMs of the present classes
+                                       (`cams` (P, H, W) in [0, 1], `class_ids` (P,) mask ids;
+                                       with `with_probs`, `probs` (1 + P, H, W): the model's own
+                                       background + class probabilities, see infer_class_probs)
+         RUN/infer_cam/cam_labels/<id>.png  palette PNGs at the background threshold
+         RUN/infer_cam/cam_metrics.json     when the dataset has masks: miou, contour_f, jf,
+                                       boundary_iou, best_threshold, per-class values, sweep
+The background threshold is the sweep's best when masks exist, else `threshold` (0.25 when
+unset).
 """
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
-import torch
 
-from weakseg.config import from_mapping
-from weakseg.data import SegDataset, dataset_from_file
+from weakseg.data import SegDataset
 from weakseg.data.io import atomic_path, write_label_png, write_text_atomic
 from weakseg.data.tensor import images_to_tensor
 from weakseg.errors import DataError
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.models.factory import ModelConfig, build_model
 from weakseg.models.fold import inference_copy
 from weakseg.models.inference import infer_cams_and_probs
-from weakseg.record import dataset_summary, recorded_step
+from weakseg.steps.base import Step
+from weakseg.steps.model_files import CAM_MODEL, load_cam_model
 from weakseg.train import distributed
-from weakseg.train.trainer import load_model_file, pick_device
+from weakseg.train.trainer import pick_device
 
-
-def load_cam_model(path: str | Path, device: torch.device):
-    state = load_model_file(path, "model_config", "cam_model.pt written by `weakseg train-cam`")
-    config = from_mapping(ModelConfig, state["model_config"], "model")
-    model = build_model(config, len(state["class_names"]) - (0 if state["background_index"] is None else 1))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+NAME = "infer_cam"
 
 
 def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int], probs: np.ndarray | None = None) -> None:
@@ -54,37 +52,39 @@ def save_cams(path: Path, cams: np.ndarray, class_ids: Sequence[int], probs: np.
         tmp.write_bytes(buffer.getvalue())
 
 
-@recorded_step("infer-cam", lambda a: {
-    "checkpoint": str(Path(a["checkpoint"]).resolve()), "scales": list(a["scales"]), "flip": a["flip"],
-    "threshold": a["threshold"], "activation": a["activation"], "with_probs": a["with_probs"], "output": a["output"],
-    "fold_batchnorm": a["fold_batchnorm"], "channels_last": a["channels_last"],
-    "data": dataset_summary(a["data_config"]) if isinstance(a["data_config"], SegDataset)
-    else str(Path(a["data_config"]).resolve())})
-def run(
-    checkpoint: str | Path,
-    data_config: str | Path | SegDataset,
-    out_dir: str | Path,
-    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-    flip: bool = True,
-    threshold: float | None = None,
-    device: str = "auto",
-    on_image=None,
-    activation: str = "relu",
-    with_probs: bool = False,
-    output: str | None = None,
-    fold_batchnorm: bool = True,
-    channels_last: bool = True,
-) -> dict:
+@dataclass
+class InferCamConfig:
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    flip: bool = True
+    threshold: float | None = None  # background threshold when there are no masks to sweep
+    # relu: the CAM convention; sigmoid: the binomial posterior (hfpl eq. 14) on the class scores.
+    activation: Literal["relu", "sigmoid"] = "relu"
+    # The model output read as CAMs; null: the method's inference_output (SEAM: cams_pcm;
+    # `cams` reads SEAM's raw CAM).
+    output: str | None = None
+    # Also save the model's own [background, classes] probabilities (`probs` in the npz),
+    # which refine.background: model starts from.
+    with_probs: bool = False
+    device: str = "auto"
+    # Inference speed-ups with the same maths (weakseg.models.fold): BN folded into the
+    # convolutions, NHWC memory. CAMs agree with them off to float rounding.
+    fold_batchnorm: bool = True
+    channels_last: bool = True
+
+
+def infer_cams(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, config: InferCamConfig,
+               on_image=None) -> dict:
+    """CAMs, CAM labels and metrics of every image of `dataset` into `out_dir`."""
     out = Path(out_dir)
+    scales, flip, threshold = config.scales, config.flip, config.threshold
+    activation, with_probs, output = config.activation, config.with_probs, config.output
     distributed.setup()  # a no-op unless started by torchrun
-    dev = pick_device(device)
+    dev = pick_device(config.device)
     model, state = load_cam_model(checkpoint, dev)
     # The same maths, faster (weakseg.models.fold); CAMs then agree to float rounding.
-    model = inference_copy(model, fold_batchnorm, channels_last)
-    # A dataset config file (the CLI) or an already built dataset (`weakseg run`).
-    dataset = data_config if isinstance(data_config, SegDataset) else dataset_from_file(data_config)
+    model = inference_copy(model, config.fold_batchnorm, config.channels_last)
     if list(dataset.class_names) != list(state["class_names"]):
-        raise DataError(data_config, "dataset classes differ from the classes the checkpoint was trained on")
+        raise DataError(checkpoint, f"trained on classes {state['class_names']}, the dataset has {list(dataset.class_names)}")
     # Sharded across torchrun ranks (all images in one process). CAMs are rounded to float16
     # here, as stored, so the sweep scores exactly the saved CAMs. With `with_probs`, also the
     # model's own [background, classes] probabilities (for refinement), from the same passes.
@@ -127,7 +127,7 @@ def run(
         with np.load(out / "cams" / f"{sample_id}.npz") as data:
             cams = data["cams"].astype(np.float32)
         label = cam_to_label(cams, class_ids, threshold if threshold is not None else 0.0, dataset.background_index)
-        write_label_png(out / "pseudo_labels" / f"{sample_id}.png", label)
+        write_label_png(out / "cam_labels" / f"{sample_id}.png", label)
         if evaluator is not None:
             evaluator.add(label, mask)
     if evaluator is not None:
@@ -143,3 +143,13 @@ def run(
         result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou", "best_threshold")})
     distributed.barrier()
     return result
+
+
+def run(config: InferCamConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
+    checkpoint = Path(run_dir) / CAM_MODEL
+    return infer_cams(checkpoint, dataset, Path(run_dir) / NAME, config, on_image=progress)
+
+
+STEP = Step(NAME, InferCamConfig, run, "Multi-scale + flip CAMs of every image, CAM label maps at the best background "
+            "threshold, and CAM metrics (J, F, J&F, best threshold) when the dataset has masks.",
+            reads=("train_cam",), stage="cam")

@@ -1,36 +1,38 @@
-"""Step `predict`: a trained segmentation network + a dataset -> label maps and metrics.
+"""Step `predict` (`weakseg predict CONFIG`): the trained segmentation network + the
+evaluation images -> label maps (scored by the evaluate step).
 
-Reads:   CKPT (seg_model.pt from train-seg), the dataset
-Writes:  OUT/pred/<id>.png     palette PNGs, the argmax of the multi-scale + flip softmax
-                                (after a dense CRF when `crf` names a preset)
-         OUT/metrics.json      when the dataset has masks: miou, contour_f, jf, boundary_iou
+Config:  `predict: PredictConfig` (scales, flip, crf, device, fold_batchnorm, channels_last).
+Reads:   RUN/train_seg/seg_model.pt, the eval_dataset's images (the dataset's when unset)
+Writes:  RUN/predict/pred/<id>.png  palette PNGs, the argmax of the multi-scale + flip
+                                    softmax (after a dense CRF when `crf` names a preset)
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from weakseg.config import from_mapping, to_dict
 from weakseg.data.base import SegDataset
-from weakseg.data.io import write_label_png, write_text_atomic
+from weakseg.data.io import write_label_png
 from weakseg.errors import DataError
-from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.models.fold import inference_copy
 from weakseg.models.inference import predict_probs
-from weakseg.train.trainer import load_model_file, pick_device
-from weakseg.record import dataset_summary, recorded_step
+from weakseg.steps.base import Step
+from weakseg.steps.model_files import SEG_MODEL, load_seg_model
+from weakseg.train.trainer import pick_device
+
+NAME = "predict"
+
 
 @dataclass
-class SegInferConfig:
+class PredictConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
     crf: str | None = None  # a dense-CRF preset (weakseg.refine.crf) applied to the predictions
+    device: str = "auto"
     # Inference speed-ups with the same maths (weakseg.models.fold): BN folded into the
     # convolutions, NHWC memory. Predictions agree with them off to float rounding.
     fold_batchnorm: bool = True
@@ -41,26 +43,11 @@ class SegInferConfig:
 CRF_MIN_PROB = 1e-3
 
 
-def load_seg_model(path: str | Path, device: torch.device):
-    state = load_model_file(path, "seg_model_config", "seg_model.pt written by `weakseg train-seg`")
-    config = from_mapping(SegModelConfig, state["seg_model_config"], "model")
-    model = build_seg_model(config, len(state["class_names"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-@recorded_step("predict", lambda a: {
-    "checkpoint": str(Path(a["checkpoint"]).resolve()), "infer": to_dict(a["config"]), "dataset": dataset_summary(a["dataset"])})
-def run(
-    checkpoint: str | Path,
-    dataset: SegDataset,
-    out_dir: str | Path,
-    config: SegInferConfig,
-    device: str = "auto",
-    on_image=None,
-) -> dict:
+def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, config: PredictConfig,
+            on_image=None) -> dict:
+    """Label maps of every image of `dataset` into out_dir/pred."""
     out = Path(out_dir)
-    dev = pick_device(device)
+    dev = pick_device(config.device)
     model, state = load_seg_model(checkpoint, dev)
     model = inference_copy(model, config.fold_batchnorm, config.channels_last)
     if list(dataset.class_names) != list(state["class_names"]):
@@ -70,8 +57,6 @@ def run(
         from weakseg.refine.crf import DenseCRF
 
         crf = DenseCRF(config.crf)
-    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
-    has_masks = True
     for i in range(len(dataset)):
         sample = dataset[i]
         # np.require copies read-only images (cached samples), which torch may not wrap.
@@ -85,14 +70,15 @@ def run(
         else:
             label = probs.argmax(axis=0).astype(np.uint8)
         write_label_png(out / "pred" / f"{sample.id}.png", label)
-        if sample.mask is None:
-            has_masks = False
-        elif has_masks:
-            evaluator.add(label, sample.mask)
         if on_image is not None:
             on_image(i + 1, len(dataset))
-    result: dict = {"num_images": len(dataset)}
-    if has_masks:
-        result.update(evaluator.headline())
-        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
+    return {"num_images": len(dataset)}
+
+
+def run(config: PredictConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
+    return predict(Path(run_dir) / SEG_MODEL, dataset, Path(run_dir) / NAME, config, on_image=progress)
+
+
+STEP = Step(NAME, PredictConfig, run, "Segment every evaluation image with the trained network (multi-scale + flip "
+            "softmax, optional dense CRF); label maps in pred/.", reads=("train_seg",), dataset="eval",
+            rank_zero=True)

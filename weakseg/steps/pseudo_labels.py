@@ -1,11 +1,13 @@
-"""Step `pseudo-labels`: refined probabilities -> label maps for the segmentation network.
+"""Step `pseudo_labels` (`weakseg pseudo-labels CONFIG`): refined probabilities -> label maps
+for the segmentation network.
 
-Reads:   PROBS_DIR/probs/<id>.npz   (from the refine step: `probs` (K, H, W) float16,
-                                      `class_ids` (K,) the label id of each channel)
+Config:  `pseudo_labels: PseudoLabelConfig` (confidence).
+Reads:   RUN/refine/probs/<id>.npz  (`probs` (K, H, W) float16, `class_ids` (K,) the label
+                                      id of each channel)
          the dataset (masks, when it has them, for the metrics only)
-Writes:  OUT/labels/<id>.png        palette PNGs: argmax class, 255 where the top
+Writes:  RUN/pseudo_labels/labels/<id>.png  palette PNGs: argmax class, 255 where the top
                                       probability is below `confidence` (not trained on)
-         OUT/pseudo_label_metrics.json  when masks exist, two views:
+         RUN/pseudo_labels/pseudo_label_metrics.json  when masks exist, two views:
              miou, contour_f, jf, boundary_iou: 255 counts as a miss (as for any prediction)
              labelled_miou, labelled_precision, labelled_recall: on the labelled pixels only
              (what the segmentation network is actually trained on), and `coverage`, the
@@ -20,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
 from weakseg.labels import IGNORE
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.record import dataset_summary, recorded_step
+from weakseg.steps.base import Step
 from weakseg.train import distributed
+
+NAME = "pseudo_labels"
 
 
 
@@ -39,7 +42,7 @@ class PseudoLabelConfig:
 
 
 def load_probs(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    probs, class_ids = read_arrays(path, ("probs", "class_ids"), "refined-probabilities file", "run the refine step first")
+    probs, class_ids = read_arrays(path, ("probs", "class_ids"), "refined-probabilities file", "run `weakseg refine` first")
     return probs.astype(np.float32), class_ids.astype(np.int64)
 
 
@@ -53,10 +56,8 @@ def probs_to_label(probs: np.ndarray, class_ids: np.ndarray, confidence: float) 
     return label
 
 
-@recorded_step("pseudo-labels", lambda a: {
-    "probs_dir": str(Path(a["probs_dir"]).resolve()), "pseudo_labels": to_dict(a["config"]),
-    "dataset": dataset_summary(a["dataset"])})
-def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig, on_image=None) -> dict:
+def make_pseudo_labels(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config: PseudoLabelConfig,
+                       on_image=None) -> dict:
     probs_dir, out = Path(probs_dir), Path(out_dir)
     # Sharded across torchrun ranks (all images in one process): this rank's label maps and
     # their metric counts, summed over the ranks below (exact: integer counts).
@@ -106,3 +107,12 @@ def run(dataset: SegDataset, probs_dir: str | Path, out_dir: str | Path, config:
             write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     distributed.barrier()
     return result
+
+
+def run(config: PseudoLabelConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
+    return make_pseudo_labels(dataset, Path(run_dir) / "refine", Path(run_dir) / NAME, config, on_image=progress)
+
+
+STEP = Step(NAME, PseudoLabelConfig, run, "Label maps for the segmentation network: the argmax of the refined "
+            "probabilities, 255 below pseudo_labels.confidence; their metrics when the dataset has masks.",
+            reads=("refine",), stage="pseudo_labels")

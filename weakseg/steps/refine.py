@@ -1,11 +1,14 @@
-"""Step `refine`: CAMs + images -> refined per-pixel probabilities, and how good their argmax is.
+"""Step `refine` (`weakseg refine CONFIG`): CAMs + images -> refined per-pixel probabilities,
+and how good their argmax is.
 
-Reads:   CAM_DIR/cams/<id>.npz   (from infer-cam: max-normalised CAMs of the present classes)
+Config:  `refine: RefineConfig`.
+Reads:   RUN/infer_cam/cams/<id>.npz  (max-normalised CAMs of the present classes; with
+                                       background: model also their `probs`)
+         RUN/train_affinity/affinity_model.pt  (method affinity_rw only)
          the dataset (images; masks, when it has them, for the metrics only)
-Writes:  OUT/probs/<id>.npz      `probs` (K, H, W) float16, `class_ids` (K,) the label id of
-                                  each channel (background first when the dataset has one)
-         OUT/refined_metrics.json  argmax of the refined probabilities against the masks
-         OUT/affinity/            the trained affinity network (method affinity_rw only)
+Writes:  RUN/refine/probs/<id>.npz     `probs` (K, H, W) float16, `class_ids` (K,) the label id
+                                       of each channel (background first when the dataset has one)
+         RUN/refine/refined_metrics.json  argmax of the refined probabilities against the masks
 
 CAMs become probabilities by `weakseg.refine.base.channel_probs`, with the background score
 `refine.background` picks (power, constant, or the CAM network's own probabilities); a
@@ -15,42 +18,36 @@ dataset without a background class (NYUv2) uses its present classes normalised p
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-import torch
 
-from weakseg.config import to_dict
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.record import dataset_summary, recorded_step
 from weakseg.registry import available, lookup
 from weakseg.refine.base import channel_probs
-from weakseg.train.affinity import AffinityTrainConfig, train_affinity
+from weakseg.steps.base import Step
+from weakseg.steps.model_files import AFFINITY_MODEL, load_affinity_model
 from weakseg.train.trainer import pick_device
+
+NAME = "refine"
 
 
 @dataclass
-class AffinityStageConfig:
-    """AffinityNet (Ahn & Kwak 2018) trained on the CAMs, then its random walk (psa eq. 8-10)."""
+class WalkConfig:
+    """The AffinityNet's random walk (psa eq. 8-10), used by method affinity_rw."""
 
-    # Background powers (alpha_low, alpha_high) of the affinity labels: seam (4, 24),
-    # hfpl (1, 24), icam (2, 4) (weakseg.refine.affinity); null: train.alpha_low/high.
-    preset: str | None = "seam"
-    backbone: str = "tiny_cnn"
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    dim: int = 448
-    crf_labels: bool = False  # refine the two confident-region maps with the psa CRF, as psa does
-    train: AffinityTrainConfig = field(default_factory=AffinityTrainConfig)
-    beta: float = 8.0
-    log_t: int = 6
+    beta: float = 8.0  # A_ij = a_ij^beta
+    log_t: int = 6  # T^(2^log_t)
+    # Pairs 0 < |i - j| < radius form the transition matrix (psa's infer_aff.py: 5); the
+    # walk's own key, independent of train_affinity.radius.
+    radius: int = 5
 
 
 @dataclass
@@ -68,7 +65,8 @@ class RefineConfig:
     crf_preset: Literal["psa", "label"] = "psa"
     pamr_iterations: int = 10
     spr_alpha: float = 0.8  # shape-cues eq. 5-6; 1.0 is PAMR
-    affinity: AffinityStageConfig = field(default_factory=AffinityStageConfig)
+    walk: WalkConfig = field(default_factory=WalkConfig)
+    device: str = "auto"  # where the random walk runs
 
     def __post_init__(self):
         # Checked when the config loads, not when the step runs after hours of training.
@@ -76,50 +74,36 @@ class RefineConfig:
         if self.method not in allowed:
             raise ConfigError(f"refine.method: {self.method!r} is not allowed; allowed values: {', '.join(allowed)}")
 
+    def extra_reads(self) -> tuple[str, ...]:
+        """The random walk needs the AffinityNet that step train_affinity trains."""
+        return ("train_affinity",) if self.method == "affinity_rw" else ()
+
 
 def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    cams, class_ids = read_arrays(path, ("cams", "class_ids"), "CAM file", "run infer-cam first")
+    cams, class_ids = read_arrays(path, ("cams", "class_ids"), "CAM file", "run `weakseg infer-cam` first")
     return cams.astype(np.float32), class_ids.astype(np.int64)
 
 
 def load_model_probs(path: Path) -> np.ndarray:
     (probs,) = read_arrays(path, ("probs",), "CAM file with the model's probabilities",
-                           "refine.background: model needs infer-cam run with probabilities")
+                           "refine.background: model needs infer_cam.with_probs: true")
     return probs.astype(np.float32)
 
 
-def build_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step=None):
+def build_refiner(config: RefineConfig, dataset: SegDataset, run_dir: Path):
     """The configured refiner (an object following weakseg.refine.base.Refiner) or None:
     a refiner registered by name (weakseg.refine.builders), or the affinity random walk."""
     if config.method == "affinity_rw":
-        return _affinity_refiner(config, dataset, cam_dir, out / "affinity", on_step)
+        from weakseg.refine.affinity import RandomWalk
+
+        if dataset.background_index is None:
+            raise ConfigError("refine.method: affinity_rw needs a dataset with a background class (its labels are "
+                              "confident foreground / confident background regions); use crf, pamr or spr")
+        model, _ = load_affinity_model(Path(run_dir) / AFFINITY_MODEL)
+        walk = config.walk
+        return RandomWalk(model, walk.beta, walk.log_t, walk.radius, device=pick_device(config.device))
     # RefineConfig checked the name when it was built.
     return lookup("refiner", config.method, "refine.method")(config)
-
-
-def _affinity_refiner(config: RefineConfig, dataset: SegDataset, cam_dir: Path, out: Path, on_step):
-    from weakseg.refine.affinity import AFFINITY_ALPHA_PRESETS, AffinityNet, RandomWalk
-
-    if dataset.background_index is None:
-        raise ConfigError("refine.method: affinity_rw needs a dataset with a background class (its labels are "
-                          "confident foreground / confident background regions); use crf, pamr or spr")
-    stage = config.affinity
-    train_config = stage.train
-    if stage.preset is not None:
-        if stage.preset not in AFFINITY_ALPHA_PRESETS:
-            raise ConfigError(f"refine.affinity.preset: {stage.preset!r}; allowed values: "
-                              f"{', '.join(AFFINITY_ALPHA_PRESETS)} or null")
-        low, high = AFFINITY_ALPHA_PRESETS[stage.preset]
-        train_config = dataclasses.replace(train_config, alpha_low=low, alpha_high=high)
-    crf = None
-    if stage.crf_labels:
-        from weakseg.refine.crf import DenseCRF
-
-        crf = DenseCRF("psa")
-    torch.manual_seed(train_config.seed)
-    model = AffinityNet(stage.backbone, stage.dim, **stage.backbone_args)
-    model = train_affinity(model, dataset, cam_dir, train_config, out, crf=crf, on_step=on_step)
-    return RandomWalk(model, stage.beta, stage.log_t, train_config.radius, device=pick_device(train_config.device))
 
 
 def save_probs(path: Path, probs: np.ndarray, class_ids: np.ndarray) -> None:
@@ -129,13 +113,11 @@ def save_probs(path: Path, probs: np.ndarray, class_ids: np.ndarray) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-@recorded_step("refine", lambda a: {
-    "cam_dir": str(Path(a["cam_dir"]).resolve()), "refine": to_dict(a["config"]), "dataset": dataset_summary(a["dataset"])})
-def run(
-    dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, config: RefineConfig, on_image=None, on_step=None
-) -> dict:
+def refine_cams(dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, config: RefineConfig,
+                refiner=None, on_image=None) -> dict:
+    """Probabilities of every image from the CAMs in `cam_dir`, refined by `refiner` (None:
+    kept as they are), into `out_dir`."""
     cam_dir, out = Path(cam_dir), Path(out_dir)
-    refiner = build_refiner(config, dataset, cam_dir, out, on_step)
     evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
     has_masks = True
     for i in range(len(dataset)):
@@ -165,3 +147,14 @@ def run(
         result.update(evaluator.headline())
         write_text_atomic(out / "refined_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def run(config: RefineConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
+    refiner = build_refiner(config, dataset, run_dir)
+    return refine_cams(dataset, Path(run_dir) / "infer_cam", Path(run_dir) / NAME, config, refiner, on_image=progress)
+
+
+STEP = Step(NAME, RefineConfig, run, "Refine the CAMs into per-pixel probabilities (dense CRF, PAMR, SPR or the "
+            "affinity random walk, which also reads RUN/train_affinity) and score their argmax (J, F, J&F, "
+            "boundary IoU) when the dataset has masks.",
+            reads=("infer_cam",), rank_zero=True, stage="refined")

@@ -1,8 +1,8 @@
 """`weakseg sweep CONFIG --seeds 0 1 2 [key=v1,v2 ...] [--out DIR]`: every combination of
 the grid values, each trained with every seed, reported as mean ± sample std over the seeds.
 
-    OUT/<combination>/seed<k>/   one job: a whole pipeline run (a config with `cam:`), or a
-                                 CAM training + CAM inference (a config with `model:`)
+    OUT/<combination>/seed<k>/   one job: a `weakseg run` of the config (its steps; a config
+                                 of train_cam + infer_cam is a CAM sweep)
     OUT/sweep.json               grid, seeds, every job's stage metrics and their aggregation
     OUT/sweep.csv                one row per combination x stage: n, mean and std per metric
     OUT/sweep.md                 the markdown table, cells `mean ± std` in percent
@@ -10,33 +10,27 @@ the grid values, each trained with every seed, reported as mean ± sample std ov
 `<combination>` is `base` without grid keys, else `key=value` parts joined by `__` (made safe
 for a file name; a short hash is added when that changed or shortened the text).
 
-Finished jobs are reused when the same sweep runs again: a pipeline job by the pipeline's own
-`done.json` per step (so a changed key re-runs exactly what depends on it), a CAM job by its
-`sweep_metrics.json`, written last and reused only when its recorded resolved config equals
-the job's. Single WSSS runs vary by about 2 mIoU between seeds, which is why this exists.
+Finished jobs are reused when the same sweep runs again, by the pipeline's own `done.json` per
+step (weakseg.steps.base), so a changed key re-runs exactly what depends on it. Each trainer
+the config runs gets the job's seed (`<step>.train.seed`). Single WSSS runs vary by about 2 mIoU between seeds, which is why this exists.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import math
 import re
-import shutil
 import statistics
-import time
-import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from weakseg.config import load_yaml, parse_override, to_dict
-from weakseg.data import build_dataset, with_absolute_paths
+from weakseg.config import parse_override
 from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.record import run_record
@@ -267,41 +261,9 @@ def csv_text(grid_keys: Sequence[str], rows: Sequence[dict]) -> str:
 # ---------------------------------------------------------------- the jobs
 
 
-def seed_keys(cls: type, prefix: str = "") -> list[str]:
-    """Dotted keys of every `seed` field in a config dataclass tree (the trainers' seeds).
-    Optional sections (`X | None`) are not entered: setting a key inside one would create
-    the section and so switch that add-on on."""
-    hints = typing.get_type_hints(cls)
-    keys = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if f.name == "seed":
-            keys.append(prefix + f.name)
-        elif dataclasses.is_dataclass(tp):
-            keys += seed_keys(tp, f"{prefix}{f.name}.")
-    return keys
-
-
-def config_kind(path: str | Path) -> str:
-    data = load_yaml(path)
-    if "cam" in data:
-        return "pipeline"
-    if "model" in data:
-        return "cam"
-    raise ConfigError(f"{path}: neither a pipeline config (no `cam:` section) nor a CAM training config "
-                      "(no `model:` section); sweep runs one of those")
-
-
 def _plain(value: Any) -> Any:
     """JSON round trip: the form a config has after being recorded, for comparisons."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None  # torn or foreign: treated as absent
 
 
 def _pipeline_job(config_path: Path, overrides: list[str], job: Path, log: Callable[[str], None]) -> dict:
@@ -311,41 +273,6 @@ def _pipeline_job(config_path: Path, overrides: list[str], job: Path, log: Calla
     summary = pipeline.run(config_path, [*overrides, f"out={value_text(str(job))}"],
                            log=lambda line: log(f"{job}: {line}"))
     return summary["stages"]
-
-
-def _cam_job(config_path: Path, overrides: list[str], job: Path, log: Callable[[str], None]) -> dict:
-    from weakseg.steps import infer_cam, train_cam
-
-    job_overrides = [*overrides, f"out={value_text(str(job))}"]
-    config, base_dir = train_cam.load_config(config_path, job_overrides)
-    resolved = to_dict(config)
-    resolved["dataset"] = with_absolute_paths(config.dataset, base_dir)  # where the data is, not how it was written
-    resolved = _plain(resolved)
-    record_path, started_path = job / "sweep_metrics.json", job / "sweep_started.json"
-    record = _read_json(record_path)
-    if record is not None and record.get("config") == resolved:
-        log(f"{job}: done earlier, reused")
-        return record["stages"]
-    started = _read_json(started_path)
-    if job.exists() and (started is None or started.get("config") != resolved):
-        if started is None and record is None and any(job.iterdir()):
-            raise ConfigError(f"{job}: exists and is not a sweep job folder; remove it or choose another --out")
-        # Another config's outputs: its checkpoint must not be resumed by this training.
-        shutil.rmtree(job)
-    job.mkdir(parents=True, exist_ok=True)
-    # Written first: a job interrupted after this resumes its training from the last epoch.
-    write_text_atomic(started_path, json.dumps({"config": resolved}, indent=2, sort_keys=True) + "\n")
-    log(f"{job}: training CAM network")
-    begin = time.perf_counter()
-    trained = train_cam.run(config_path, job_overrides)
-    dataset = build_dataset(resolved["dataset"])
-    metrics = infer_cam.run(trained["cam_model"], dataset, job / "infer", scales=config.infer.scales,
-                            flip=config.infer.flip, threshold=config.infer.threshold)
-    stages = {"cam": {k: metrics[k] for k in METRICS if k in metrics}}
-    record = {"config": resolved, "stages": stages, "best_threshold": metrics.get("best_threshold"),
-              "final_loss": trained["epoch_losses"][-1], "seconds": round(time.perf_counter() - begin, 1)}
-    write_text_atomic(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return stages
 
 
 def run(
@@ -364,22 +291,17 @@ def run(
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated (it would count one run twice)")
     grid = parse_grid(grid_items)
-    kind = config_kind(config_path)
-    if kind == "pipeline":
-        from weakseg.steps import pipeline
+    from weakseg.steps import pipeline
 
-        loader, schema, job_runner = pipeline.load_config, pipeline.PipelineConfig, _pipeline_job
-    else:
-        from weakseg.steps import train_cam
-
-        loader, schema, job_runner = train_cam.load_config, train_cam.CAMRunConfig, _cam_job
-    seeds_at = seed_keys(schema)
+    loader, job_runner = pipeline.load_config, _pipeline_job
+    base_config, _ = loader(config_path)
+    # The trainers this config runs; an absent step's seed is not set (that would add the step).
+    seeds_at = pipeline.sweep_seed_keys(base_config)
     for key in grid:
         if key == "out":
             raise ConfigError("sweep item out=...: each job's out is set by the sweep; use --out")
         if key in seeds_at:
             raise ConfigError(f"sweep item {key}=...: seeds come from --seeds (which sets {', '.join(seeds_at)})")
-    base_config, _ = loader(config_path)
     out_dir = Path(out) if out is not None else Path(str(base_config.out) + "_sweep")
 
     combos = combinations(grid)
@@ -391,12 +313,12 @@ def run(
     for combo in combos:
         loader(config_path, [f"{k}={value_text(v)}" for k, v in combo.items()])
 
-    record_config = {"config": str(config_path.resolve()), "kind": kind, "seeds": seeds, "grid": grid}
+    record_config = {"config": str(config_path.resolve()), "seeds": seeds, "grid": grid}
     with run_record(out_dir, "sweep", record_config):
-        return _run_jobs(config_path, kind, seeds, grid, combos, slugs, seeds_at, out_dir, job_runner, log)
+        return _run_jobs(config_path, seeds, grid, combos, slugs, seeds_at, out_dir, job_runner, log)
 
 
-def _run_jobs(config_path: Path, kind: str, seeds: list[int], grid: dict, combos: list[dict], slugs: list[str],
+def _run_jobs(config_path: Path, seeds: list[int], grid: dict, combos: list[dict], slugs: list[str],
               seeds_at: list[str], out_dir: Path, job_runner, log: Callable[[str], None]) -> dict:
     entries = []
     for combo, slug in zip(combos, slugs):
@@ -412,7 +334,6 @@ def _run_jobs(config_path: Path, kind: str, seeds: list[int], grid: dict, combos
 
     result = {
         "config": str(config_path),
-        "kind": kind,
         "seeds": seeds,
         "grid": grid,
         "seed_keys": seeds_at,

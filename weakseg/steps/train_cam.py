@@ -1,107 +1,62 @@
-"""Step `train-cam`: a training YAML (+ key=value overrides) -> a trained CAM network.
+"""Step `train_cam` (`weakseg train-cam CONFIG`): the images and their image-level labels ->
+a trained CAM network.
 
-Reads:   the config file and its dataset.
-Writes:  OUT/config.yaml (resolved config), OUT/checkpoint.pt (per epoch, for resuming),
-         OUT/log.csv (every loss term per step), OUT/cam_model.pt (final weights plus what
-         `infer-cam` needs to rebuild the model: model config, class names).
-`out` in the config is relative to the current directory.
+Config:  `train_cam: {model, loss, train}` (ModelConfig, LossConfig, TrainConfig).
+Reads:   the dataset (images, labels, depth when a loss term needs it; never its masks).
+Writes:  RUN/train_cam/checkpoint.pt (per epoch, for resuming), log.csv (every loss term per
+         step), cam_model.pt (final weights plus what infer_cam needs to rebuild the model:
+         model config, class names).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
-from weakseg.config import apply_overrides, from_mapping, load_yaml, to_dict
-from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_paths
-from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.losses.terms import LossConfig
 from weakseg.models.factory import ModelConfig, build_model
-from weakseg.record import run_record
+from weakseg.steps.model_files import CAM_MODEL, save_cam_model
+from weakseg.steps.base import Step
 from weakseg.train import distributed
-from weakseg.train.trainer import TrainConfig, save_checkpoint, train
+from weakseg.train.trainer import TrainConfig, train
+
+NAME = "train_cam"
 
 
 @dataclass
-class InferConfig:
-    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
-    flip: bool = True
-    threshold: float | None = None  # background threshold when there are no masks to sweep
-    # Inference speed-ups with the same maths (weakseg.models.fold): BN folded into the
-    # convolutions, NHWC memory. CAMs agree with them off to float rounding.
-    fold_batchnorm: bool = True
-    channels_last: bool = True
-
-
-@dataclass
-class CAMRunConfig:
-    dataset: dict[str, Any]
+class TrainCamConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
-    out: str = "runs/cam"
+
+    def __post_init__(self):
+        if self.model.method == "seam" and self.loss.seam is None:
+            # Without them the PCM is never trained, and inference reads the PCM-revised CAM.
+            raise ConfigError("train_cam.model.method: seam needs train_cam.loss.seam, SEAM's equivariance terms "
+                              "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[CAMRunConfig, Path]:
-    data = apply_overrides(load_yaml(path), overrides or [])
-    config = from_mapping(CAMRunConfig, data)
-    check_dataset_mapping(config.dataset)
-    return config, Path(path).resolve().parent
-
-
-def save_cam_model(path: Path, model: torch.nn.Module, model_config: ModelConfig, dataset) -> None:
-    state = {
-        "model": model.state_dict(),
-        "model_config": to_dict(model_config),
-        "class_names": list(dataset.class_names),
-        "background_index": dataset.background_index,
-    }
-    save_checkpoint(path, state)
-
-
-def run(config_path: str | Path, overrides: list[str] | None = None, on_step=None) -> dict:
-    config, base_dir = load_config(config_path, overrides)
-    return run_config(config, base_dir, on_step)
-
-
-def run_config(config: CAMRunConfig, base_dir: Path | None, on_step=None) -> dict:
-    """Train from a config object; dataset paths resolve against `base_dir`."""
-    if config.model.method == "seam" and config.loss.seam is None:
-        # Without them the PCM is never trained, and inference reads the PCM-revised CAM.
-        raise ConfigError("model.method: seam needs loss.seam, SEAM's equivariance terms "
-                          "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
-    out = Path(config.out)
-    saved = to_dict(config)
-    saved["dataset"] = with_absolute_paths(config.dataset, base_dir)  # runnable from OUT too
-    with run_record(out, "train-cam", saved) as record:
-        result = _train(config, saved, base_dir, on_step)
-        record["result"] = {"epoch_losses": result["epoch_losses"], "steps": result["steps"]}
-    return result
-
-
-def _train(config: CAMRunConfig, saved: dict, base_dir: Path | None, on_step) -> dict:
-    out = Path(config.out)
-    if distributed.is_main():
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    dataset = build_dataset(config.dataset, base_dir)
+def train_cam(config: TrainCamConfig, dataset, out: Path, on_step=None) -> dict:
+    """Train into `out`; returns the trainer's history and the model file's path."""
+    out = Path(out)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, len(dataset.foreground_ids))
-    history = train(
-        model,
-        dataset,
-        config.loss,
-        config.train,
-        out,
-        background_channel=model.background_channel,
-        on_step=on_step,
-    )
+    history = train(model, dataset, config.loss, config.train, out, background_channel=model.background_channel,
+                    on_step=on_step)
     if distributed.is_main():  # under torchrun, one writer
-        save_cam_model(out / "cam_model.pt", model.cpu(), config.model, dataset)
+        save_cam_model(out / CAM_MODEL.name, model.cpu(), config.model, dataset)
     distributed.barrier()
-    return {"out": str(out), "cam_model": str(out / "cam_model.pt"), **history}
+    return {"cam_model": str(out / CAM_MODEL.name), **history}
+
+
+def run(config: TrainCamConfig, dataset, run_dir: Path, progress=None) -> dict:
+    history = train_cam(config, dataset, Path(run_dir) / NAME, on_step=progress)
+    return {"final_loss": history["epoch_losses"][-1], "epoch_losses": history["epoch_losses"],
+            "steps": history["steps"]}
+
+
+STEP = Step(NAME, TrainCamConfig, run, "Train a CAM network with the configured loss terms (GAP, ISL, FSL, DEAL, "
+            "SEAM); writes cam_model.pt, a checkpoint per epoch and log.csv with every loss term.")

@@ -35,9 +35,6 @@ class AffinityTrainConfig(TrainConfig):
     augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(crop_size=448, brightness=0.3, contrast=0.3, saturation=0.3)
     )
-    radius: int = 5
-    alpha_low: float = 4.0  # SEAM; see AFFINITY_ALPHA_PRESETS
-    alpha_high: float = 24.0
 
 
 def load_cams(cam_dir: str | Path, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,16 +86,19 @@ def train_affinity(
     cam_dir: str | Path,
     config: AffinityTrainConfig,
     out_dir: str | Path,
+    radius: int = 5,
+    alphas: tuple[float, float] = (4.0, 24.0),
     crf: ProbsRefiner | None = None,
     on_step=None,
 ) -> AffinityNet:
     """Train `model` on `dataset` with affinity labels from the CAMs in `cam_dir`, by the one
     trainer (`weakseg.train.trainer.fit`) with the AffinityNet's loss term; writes
     ``out_dir/checkpoint.pt`` (with "model_config", so `AffinityNet.from_state` rebuilds it)
-    and ``out_dir/log.csv`` after every epoch; returns the trained model in eval mode."""
+    and ``out_dir/log.csv`` after every epoch. `radius`: pairs 0 < |i - j| < radius (psa: 5);
+    `alphas`: the background powers (alpha_low, alpha_high) of the labels. Returns the trained model in eval mode."""
     out_dir = Path(out_dir)
-    labels = AffinityLabels(dataset, cam_dir, out_dir, config.alpha_low, config.alpha_high, crf)
+    labels = AffinityLabels(dataset, cam_dir, out_dir, alphas[0], alphas[1], crf)
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth=False, target=labels)
-    fit(model, data, [AffinityTerm(config.radius)], config, out_dir, on_step=on_step,
+    fit(model, data, [AffinityTerm(radius)], config, out_dir, on_step=on_step,
         checkpoint_extra={"model_config": model.config})
     return model.eval()

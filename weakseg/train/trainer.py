@@ -96,7 +96,14 @@ class AugmentedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
+        try:
+            return self._item(*key)
+        except WeaksegError as exc:
+            # Carried back as data: a DataLoader worker would re-raise it as a RuntimeError
+            # holding a traceback, and the user would not get the one-line error naming the file.
+            return {_FAILED: exc}
+
+    def _item(self, epoch: int, index: int) -> dict:
         sample = self.dataset[index]
         if self.need_depth and sample.depth is None:
             raise DataError(sample.id, "a loss term needs depth but this sample has none")
@@ -115,8 +122,15 @@ class AugmentedDataset(torch.utils.data.Dataset):
         return item
 
 
+_FAILED = "__weakseg_error__"
+
+
 def collate(items: list[dict]) -> dict:
-    """Stack the items of a batch key by key; images of different sizes are one clear error."""
+    """Stack the items of a batch key by key; images of different sizes are one clear error.
+    A sample that failed (see AugmentedDataset) makes the batch its error."""
+    for item in items:
+        if _FAILED in item:
+            return item
     shapes = {tuple(it["rgb"].shape) for it in items}
     if len(shapes) > 1:
         raise ConfigError(f"train.augment.crop_size: the images of a batch differ in size ({sorted(shapes)}); "
@@ -426,6 +440,8 @@ def fit(
             for step_in_epoch, global_idx in enumerate(batches(epoch)):
                 started = time.perf_counter()
                 batch = next(iterator)
+                if _FAILED in batch:
+                    raise batch[_FAILED]  # the sample's own error (pickled whole by the worker)
                 now = time.perf_counter()
                 # The first batch of an epoch also waits for the workers to start: not a steady wait.
                 if step_in_epoch > 0:
