@@ -79,7 +79,7 @@ def child_train(job: dict) -> dict:
     if job["kind"] == "deeplab":
         import numpy as np
 
-        from weakseg.losses.terms import SegmentationTerm
+        from weakseg.losses.segmentation import SegmentationTerm
 
         model = build_seg_model(from_mapping(SegModelConfig, model_values, "model"), dataset.num_classes)
         sizes = {}

@@ -13,6 +13,46 @@ from weakseg.registry import available, lookup, register
 def test_builtins_are_listed():
     assert sorted(available("method")) == ["cam", "seam", "vit_cam"]
     assert {"none", "crf", "pamr", "spr"} <= set(available("refiner"))
+    assert {"classification", "deal", "fsl", "seam"} <= set(available("loss_term"))
+
+
+def test_a_new_loss_term_is_a_config_a_term_and_a_registered_builder(monkeypatch, tmp_path):
+    """A term added as docs/architecture.md says: its builder registered under the section's
+    name, a field of LossConfig; build_terms then builds it, and the trainer logs and trains it."""
+    import dataclasses
+
+    import torch
+
+    from weakseg.config import from_mapping
+    from weakseg.data import build_dataset
+    from weakseg.losses import terms
+    from weakseg.losses.base import LossTerm, foreground_channels
+    from weakseg.models.factory import ModelConfig, build_model
+    from weakseg.train.trainer import TrainConfig, train
+
+    @dataclasses.dataclass
+    class EntropyConfig:
+        weight: float = 0.5
+
+    class EntropyTerm(LossTerm):
+        name = "entropy"
+
+        def value(self, scores, batch, background_channel):
+            p = torch.sigmoid(foreground_channels(scores, background_channel))
+            return -(p * torch.log(p + 1e-6)).mean()
+
+    register("loss_term", "test_entropy")(lambda config, reads, generator=None: [EntropyTerm(config.weight, 0, reads)])
+    table = dataclasses.make_dataclass("LossConfigWithEntropy", [("test_entropy", EntropyConfig | None, None)],
+                                       bases=(terms.LossConfig,))
+    config = from_mapping(table, {"test_entropy": {"weight": 0.25}}, "loss")
+    built = terms.build_terms(config)
+    assert [t.name for t in built] == ["cls", "entropy"] and built[1].weight == 0.25
+    dataset = build_dataset({"kind": "synthetic", "num_images": 8, "image_size": 32})
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone_args={"width": 8}), len(dataset.foreground_ids))
+    train(model, dataset, built, from_mapping(TrainConfig, {"epochs": 1, "batch_size": 4, "workers": 0}, "train"),
+          tmp_path)
+    assert (tmp_path / "log.csv").read_text().splitlines()[0] == "epoch,step,lr,total,cls,entropy"
 
 
 def test_a_new_refiner_is_one_decorated_function(tmp_path):

@@ -24,7 +24,7 @@ from weakseg.losses.seam import (
     top_fraction_mean,
     with_background,
 )
-from weakseg.losses.terms import ClassificationConfig, ClassificationTerm
+from weakseg.losses.classification import ClassificationConfig, ClassificationTerm
 from weakseg.models.methods.seam import PixelCorrelationModule, SEAMNet, pcm_affinity, pcm_input, pcm_refine
 
 EPS = 1e-5
@@ -371,11 +371,11 @@ def test_every_term_contributes_a_gradient():
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_deal_seam_preset_reads_the_network_outputs():
+def test_deal_on_seam_reads_the_network_outputs():
     batch = small_batch(2, 32)
     model = small_model(scale=0.5).train()
     outputs = model(batch["image"])
-    term = DEALTerm.from_preset("seam")
+    term = DEALTerm(reads=("cams", "cams_pcm"), cam_norm="max")  # as configs/seam_voc_deal.yaml, max-normalised
     value = term(outputs, batch, model.background_channel)
     assert torch.isfinite(value)
     grad = torch.autograd.grad(value, model.pcm.project.weight)[0]

@@ -241,7 +241,7 @@ def test_find_seeds_and_lock_in_process(tmp_path):
 
 
 def test_failed_run_is_recorded_and_nonfinite_loss_names_term_and_step(tmp_path, monkeypatch):
-    from weakseg.losses.terms import ClassificationTerm
+    from weakseg.losses.classification import ClassificationTerm
 
     cfg = write_yaml(tmp_path / "cam.yaml", CAM | {"out": str(tmp_path / "run")})
     original = ClassificationTerm.forward

@@ -247,7 +247,7 @@ def test_bad_inputs():
 
 
 def test_one_adamw_step_lowers_the_classification_loss_of_both_branches():
-    from weakseg.losses.terms import ClassificationConfig, ClassificationTerm
+    from weakseg.losses.classification import ClassificationConfig, ClassificationTerm
 
     model = make(reduction=1).train()
     term = ClassificationTerm(ClassificationConfig(), ["cams_coarse", "cams_fine"])
@@ -298,7 +298,7 @@ def test_without_stop_gradient_the_fine_branch_trains_the_backbone():
 
 
 def test_class_token_scores_feed_the_classification_term():
-    from weakseg.losses.terms import ClassificationConfig, ClassificationTerm
+    from weakseg.losses.classification import ClassificationConfig, ClassificationTerm
 
     model = make(class_tokens=True)
     out = model(batch(size=(32, 32)))

@@ -21,6 +21,7 @@ from weakseg.errors import ConfigError
 KINDS: dict[str, tuple[str, ...]] = {
     "method": ("weakseg.models.methods.cam", "weakseg.models.methods.seam", "weakseg.models.methods.vit_cam"),
     "refiner": ("weakseg.refine.builders",),
+    "loss_term": ("weakseg.losses.classification", "weakseg.losses.fsl", "weakseg.losses.deal", "weakseg.losses.seam"),
 }
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 

@@ -74,6 +74,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from weakseg.losses.base import LossTerm, foreground_channels
+from weakseg.registry import register
 
 CamNorm = Literal["none", "max", "sigmoid"]
 EdgeNorm = Literal["max", "fixed"]
@@ -245,25 +246,14 @@ def deal_loss(
     return loss.sum() / count.clamp_min(1).to(loss.dtype)
 
 
-@dataclass(frozen=True)
-class DEALPreset:
-    """The paper's schedule and CAM inputs for one host method."""
-
-    warmup_epochs: int
-    epochs: int
-    reads: tuple[str, ...]
-    cam_norm: CamNorm
+@dataclass
+class DEALConfig:
     weight: float = 0.04
-
-
-# WeakTr (§IV-C): 60 epochs, w_edge = 0 for the first 20, DEAL on the fine and the coarse CAM
-# averaged (eq. 14). SEAM (§IV-D): 8 epochs, w_edge = 0 for the first 3, DEAL on the CAM and
-# the PCM-refined CAM averaged (eq. 15). w_edge = 0.04 in both. The output names are this
-# package's suggestion for those methods' outputs; pass `reads=` to override.
-DEAL_PRESETS: dict[str, DEALPreset] = {
-    "weaktr": DEALPreset(warmup_epochs=20, epochs=60, reads=("cams_fine", "cams_coarse"), cam_norm="none"),
-    "seam": DEALPreset(warmup_epochs=3, epochs=8, reads=("cams", "cams_pcm"), cam_norm="max"),
-}
+    warmup_epochs: int = 0  # presets: 20 of 60 epochs (WeakTr), 3 of 8 (SEAM)
+    mu: float = 2.5
+    cam_norm: Literal["none", "max", "sigmoid"] = "none"
+    size: list[int] | None = None  # H' x W' of deal eq. 1-2; None: the largest CAM grid read
+    reads: list[str] | None = None  # None: loss.reads
 
 
 class DEALTerm(LossTerm):
@@ -298,15 +288,6 @@ class DEALTerm(LossTerm):
         self.cam_edge_scale, self.depth_edge_scale = cam_edge_scale, depth_edge_scale
         self.antialias, self.eps = antialias, eps
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "DEALTerm":
-        if name not in DEAL_PRESETS:
-            raise ValueError(f"unknown DEAL preset {name!r}; choose one of {sorted(DEAL_PRESETS)}")
-        p = DEAL_PRESETS[name]
-        kwargs = dict(weight=p.weight, warmup_epochs=p.warmup_epochs, reads=p.reads, cam_norm=p.cam_norm)
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
     def resolution(self, outputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         """H' x W': `size` if given, else the largest CAM resolution among `reads`."""
         if self.size is not None:
@@ -335,3 +316,9 @@ class DEALTerm(LossTerm):
             for name in self.reads
         ]
         return torch.stack(terms).mean()
+
+
+@register("loss_term", "deal")
+def build_deal(config: DEALConfig, reads: list[str], generator=None) -> list[LossTerm]:
+    return [DEALTerm(weight=config.weight, warmup_epochs=config.warmup_epochs, reads=config.reads or reads,
+                     mu=config.mu, cam_norm=config.cam_norm, size=tuple(config.size) if config.size else None)]

@@ -40,6 +40,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from weakseg.losses.base import LossTerm, foreground_channels
+from weakseg.registry import register
+
 ACTIVATION_EPS = 1e-5
 
 
@@ -248,11 +251,45 @@ def gate_input(scores: torch.Tensor, gate: GateInput, background_channel: int | 
 
 
 @dataclass
-class FSLSettings:
-    gate: GateInput = "r"
+class FSLConfig:
+    weight: float = 1.0
+    warmup_epochs: int = 0
+    gate: Literal["r", "b", "s", "a"] = "r"
     mu: float = 2.5
     sigma: float = 5.0
     metric: Literal["l1", "l2"] = "l1"
-    radius: int | None = None  # None: ceil(3 sigma)
-    upsample: int = 1  # integer upsampling of the CAM grid before FSL (x4 for 14x14 ViT CAMs)
-    learnable: bool = False  # the early ICAM's learnable mu, sigma (start at mu, sigma)
+    radius: int | None = None
+    upsample: int = 1
+    learnable: bool = False
+    reads: list[str] | None = None  # None: loss.reads
+
+
+class FSLTerm(LossTerm):
+    name = "fsl"
+
+    def __init__(self, config: FSLConfig, reads: list[str]):
+        super().__init__(config.weight, config.warmup_epochs, reads)
+        self.config = config
+        if config.learnable:
+            self.mu = torch.nn.Parameter(torch.tensor(float(config.mu)))
+            self.sigma = torch.nn.Parameter(torch.tensor(float(config.sigma)))
+        else:
+            self.mu, self.sigma = config.mu, config.sigma
+
+    def value(self, scores, batch, background_channel):
+        cfg = self.config
+        if cfg.upsample > 1:
+            scores = F.interpolate(scores, scale_factor=cfg.upsample, mode="bilinear", align_corners=False)
+        if cfg.gate == "a":
+            p = gate_input(scores, "a", background_channel)
+            mask = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device)  # icam: every channel
+        else:
+            p = gate_input(foreground_channels(scores, background_channel), cfg.gate)
+            mask = batch["labels"].to(p.dtype)  # hfpl §4.3: only present classes
+        rgb = F.interpolate(batch["rgb"], size=p.shape[2:], mode="bilinear", align_corners=False)
+        return feature_similarity_loss(p, rgb, mask, self.mu, self.sigma, cfg.radius, cfg.metric)
+
+
+@register("loss_term", "fsl")
+def build_fsl(config: FSLConfig, reads: list[str], generator=None) -> list[LossTerm]:
+    return [FSLTerm(config, config.reads or reads)]

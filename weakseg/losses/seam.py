@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from weakseg.errors import ConfigError
 from weakseg.losses.base import LossTerm, foreground_channels
+from weakseg.registry import register
 
 # SEAM's epsilon in its CAM normalisation.
 SEAM_EPS = 1e-5
@@ -267,8 +268,10 @@ class SEAMLossConfig:
     min_pool_fraction: float = 0.25  # SEAM pools the smallest quarter of the pixels
 
 
-def build_seam_terms(config: SEAMLossConfig) -> list[LossTerm]:
-    """The SEAM terms with non-zero weight, reading SEAMNet's default output names."""
+@register("loss_term", "seam")
+def build_seam_terms(config: SEAMLossConfig, reads: list[str] | None = None, generator=None) -> list[LossTerm]:
+    """The SEAM terms with non-zero weight, reading SEAMNet's own output names (`reads` of the
+    loss section does not apply: each term compares two named branches)."""
     for key in ("er", "ecr", "min_pool"):
         if getattr(config, key) < 0:
             raise ConfigError(f"loss.seam.{key}: must be >= 0, got {getattr(config, key)}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from weakseg.errors import ConfigError
 from weakseg.labels import IGNORE
+from weakseg.losses.base import LossTerm
 
 
 def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
@@ -28,3 +30,18 @@ def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
     # Divide by the labelled count ourselves: reduction="mean" gives NaN when it is 0.
     count = (target != ignore_index).sum().clamp(min=1)
     return total / count
+
+
+class SegmentationTerm(LossTerm):
+    """Cross-entropy of the segmentation network's logits against the per-sample training
+    targets (pseudo-labels) the trainer batches as "mask"; 255 is ignored."""
+
+    name = "seg"
+
+    def __init__(self, weight: float = 1.0, reads: list[str] | str = ("seg",)):
+        super().__init__(weight, 0, reads)
+
+    def value(self, scores, batch, background_channel):
+        if "mask" not in batch:
+            raise ConfigError("loss.seg: the batch has no training targets (pseudo-labels)")
+        return segmentation_ce(scores, batch["mask"])

@@ -23,7 +23,7 @@ import torch
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_label_map
 from weakseg.errors import DataError
-from weakseg.losses.terms import SegmentationTerm
+from weakseg.losses.segmentation import SegmentationTerm
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.train import distributed
 from weakseg.steps.base import Step

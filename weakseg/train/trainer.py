@@ -33,7 +33,8 @@ from weakseg.data.io import atomic_path
 from weakseg.errors import ConfigError, DataError, NonFiniteLoss, WeaksegError
 from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
-from weakseg.losses.terms import LossConfig, LossTerm, build_terms
+from weakseg.losses.base import LossTerm
+from weakseg.losses.terms import LossConfig, build_terms
 from weakseg.record import release_inherited_locks
 from weakseg.train import distributed
 
