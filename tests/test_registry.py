@@ -14,6 +14,8 @@ def test_builtins_are_listed():
     assert sorted(available("method")) == ["cam", "seam", "vit_cam"]
     assert {"none", "crf", "pamr", "spr"} <= set(available("refiner"))
     assert {"classification", "deal", "fsl", "seam"} <= set(available("loss_term"))
+    assert {"tiny_cnn", "efficientnet_lite0", "resnet38d", "timm:", "resnet50"} <= set(available("backbone"))
+    assert {"voc", "folder", "nyu", "coco", "synthetic"} <= set(available("dataset"))
 
 
 def test_a_new_loss_term_is_a_config_a_term_and_a_registered_builder(monkeypatch, tmp_path):
@@ -86,6 +88,72 @@ def test_a_new_refiner_is_one_decorated_function(tmp_path):
     k = probs.shape[0] - 1
     expected_bg = 0.25 / (0.25 + k * 0.64)
     np.testing.assert_allclose(probs[0], expected_bg, atol=2e-3)
+
+
+def test_a_new_backbone_is_one_decorated_builder():
+    """A backbone added as docs/architecture.md says: every network and step builds it by
+    name, and it is handed RGB already normalised with the input_norm it declares."""
+    import torch
+    from torch import nn
+
+    from weakseg.models.backbones import available_backbones, build_backbone
+    from weakseg.models.backbones.norm import InputNorm
+    from weakseg.models.factory import ModelConfig, SegModelConfig, build_model, build_seg_model
+
+    class Patches(nn.Module):
+        """4x4 average pooling + a 1x1 conv: a stride-4 backbone in a few lines."""
+
+        input_norm = InputNorm("halves", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+        def __init__(self, channels: int = 8, output_stride: int = 4):
+            super().__init__()
+            self.out_channels, self.output_stride = channels, output_stride
+            self.proj = nn.Conv2d(3, channels, 1)
+            self.seen = None
+
+        def forward(self, x):
+            self.seen = x
+            return self.proj(nn.functional.avg_pool2d(x, self.output_stride))
+
+    register("backbone", "test_patches")(lambda name, pretrained=False, output_stride=None, **kw: Patches(**kw))
+    assert "test_patches" in available_backbones()
+    assert isinstance(build_backbone("test_patches", channels=4), Patches)
+    cam = build_model(ModelConfig(backbone="test_patches", backbone_args={"channels": 6}), 3).eval()
+    seg = build_seg_model(SegModelConfig(backbone="test_patches", aspp_channels=4), 4).eval()
+    pixels = torch.full((1, 3, 16, 16), 255, dtype=torch.uint8)
+    with torch.no_grad():
+        assert cam(pixels)["cams"].shape == (1, 3, 4, 4)
+        assert seg(pixels)["seg"].shape == (1, 4, 4, 4)
+    assert torch.equal(seg.backbone.seen, torch.ones(1, 3, 16, 16))  # (1 - 0.5) / 0.5
+    with pytest.raises(ConfigError, match="backbone 'test_patchez' is not available; available: tiny_cnn"):
+        build_backbone("test_patchez")
+
+
+def test_a_new_dataset_layout_is_one_registered_layout(tmp_path):
+    """A layout added as docs/architecture.md says: a config accepts `kind:` it, with its own
+    keys checked, and its path keys resolve against the config file."""
+    import dataclasses
+
+    from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_paths
+    from weakseg.data import synthetic
+    from weakseg.data.base import DatasetLayout
+
+    @dataclasses.dataclass
+    class TinyConfig:
+        images: int = 3
+        notes: str = "notes.txt"
+
+    def build(config, base_dir, strict):
+        return synthetic.build(synthetic.Config(num_images=config.images, image_size=24))
+
+    register("dataset", "test_tiny")(DatasetLayout(TinyConfig, build, ("notes",)))
+    assert "test_tiny" in available("dataset")
+    assert len(build_dataset({"kind": "test_tiny", "images": 2})) == 2
+    with pytest.raises(ConfigError, match="dataset.imgs"):
+        check_dataset_mapping({"kind": "test_tiny", "imgs": 2})
+    assert with_absolute_paths({"kind": "test_tiny"} | {"notes": "n.txt"}, tmp_path)["notes"] == str(tmp_path / "n.txt")
+    with pytest.raises(ConfigError, match="dataset.kind: 'test_tinny' is not allowed; allowed values: folder, voc"):
+        build_dataset({"kind": "test_tinny"})
 
 
 def test_unknown_names_and_clashes_are_one_clear_error():

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from weakseg.errors import ConfigError, DataError
-from weakseg.models.backbones import IMAGENET_NORM, available_backbones, build_backbone
-from weakseg.models.resnet38d import ResNet38d
+from weakseg.models.backbones import available_backbones, build_backbone
+from weakseg.models.backbones.norm import IMAGENET_NORM
+from weakseg.models.backbones.resnet38d import ResNet38d
 
 SMALL = 16  # width divisor for the file round trips
 
@@ -332,7 +333,8 @@ def test_load_weights_tolerates_batch_counters_both_ways(tmp_path):
     """A file saved from PyTorch code (psa/SEAM `Net.state_dict()`) carries BatchNorm step
     counters that the converted file and this module lack; a module that has them (tiny CNN)
     loads a file without them. Both load; a real missing weight still fails."""
-    from weakseg.models.backbones import build_backbone, load_weights, save_weights
+    from weakseg.models.backbones import build_backbone
+    from weakseg.models.backbones.weights import load_weights, save_weights
 
     plain = dict(random_reference_state(SMALL))
     with_counters = dict(plain, **{"b3.bn_branch2a.num_batches_tracked": torch.tensor(7)})

@@ -44,7 +44,7 @@ def small_batch(batch_size: int = 4, size: int = 32) -> dict:
     rgb = torch.rand(batch_size, 3, size, size, generator=gen)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])[:batch_size]
     depth = torch.rand(batch_size, 1, size, size, generator=gen) + 1.0
-    return {"rgb": rgb, "image": (rgb - 0.5) / 0.25, "labels": labels, "depth": depth}
+    return {"rgb": rgb, "labels": labels, "depth": depth}
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_outputs_in_train_and_eval_mode_and_one_pass_in_eval():
     model = small_model()
     calls = []
     model.backbone.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape)))
-    images = small_batch(2, 40)["image"]
+    images = small_batch(2, 40)["rgb"]
     model.train()
     out = model(images)
     assert set(out) == TRAIN_NAMES
@@ -327,10 +327,10 @@ def test_outputs_in_train_and_eval_mode_and_one_pass_in_eval():
 def test_er_of_the_network_is_zero_without_rescaling():
     batch = small_batch(2, 32)
     model = small_model(scale=1.0).train()
-    out = model(batch["image"])
+    out = model(batch["rgb"])
     torch.testing.assert_close(out["cams_scaled"], out["cams"], rtol=0, atol=0)
     assert EquivariantTerm()(out, batch).item() == 0.0
-    out = small_model(scale=0.5).train()(batch["image"])
+    out = small_model(scale=0.5).train()(batch["rgb"])
     assert EquivariantTerm()(out, batch).item() > 1e-4
 
 
@@ -341,7 +341,7 @@ def seam_terms():
 def test_every_term_contributes_a_gradient():
     batch = small_batch(4, 32)
     model = small_model(scale=0.5).train()
-    outputs = model(batch["image"])
+    outputs = model(batch["rgb"])
     groups = {
         "backbone": [p for n, p in model.named_parameters() if n.startswith("backbone.")],
         "head": [model.head.classifier.weight],
@@ -366,7 +366,7 @@ def test_every_term_contributes_a_gradient():
     }
     # With detach_pcm_features=False the PCM losses reach the backbone as well.
     model = small_model(scale=0.5, detach_pcm_features=False).train()
-    value = CrossEquivariantTerm()(model(batch["image"]), batch)
+    value = CrossEquivariantTerm()(model(batch["rgb"]), batch)
     grads = torch.autograd.grad(value, list(model.backbone.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -374,7 +374,7 @@ def test_every_term_contributes_a_gradient():
 def test_deal_on_seam_reads_the_network_outputs():
     batch = small_batch(2, 32)
     model = small_model(scale=0.5).train()
-    outputs = model(batch["image"])
+    outputs = model(batch["rgb"])
     term = DEALTerm(reads=("cams", "cams_pcm"), cam_norm="max")  # as configs/seam_voc_deal.yaml, max-normalised
     value = term(outputs, batch, model.background_channel)
     assert torch.isfinite(value)

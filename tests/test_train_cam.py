@@ -68,11 +68,10 @@ def test_every_addon_attaches_and_contributes_a_gradient(variant):
     rgb = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in samples])
     batch = {
         "rgb": rgb,
-        "image": (rgb - 0.5) / 0.25,
         "labels": torch.from_numpy(np.stack([s.labels for s in samples])),
         "depth": torch.from_numpy(np.stack([s.depth for s in samples])).unsqueeze(1),
     }
-    outputs = model(batch["image"])
+    outputs = model(batch["rgb"])
     terms = build_terms(loss_cfg, torch.Generator().manual_seed(0))
     assert len(terms) == 1 + ("fsl" in VARIANTS[variant]) + ("deal" in VARIANTS[variant])
     for term in terms:

@@ -33,7 +33,7 @@ def make(num_classes: int = 3, seed: int = 0, **kwargs):
 
 def batch(seed: int = 1, size=(32, 48), b: int = 2):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 3, *size, generator=g)
+    return torch.rand(b, 3, *size, generator=g)  # RGB in 0..1: the network normalises it
 
 
 # --------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_class_tokens_initialised_from_the_checkpoint_token_reproduce_timm():
     x = batch()
     with torch.no_grad():
         tokens, _, _ = model.tokens_and_attention(x)
-        torch.testing.assert_close(vit.norm(tokens), vit.forward_features(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(vit.norm(tokens), vit.forward_features(model.input_norm(x)), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_output_stride_8_grid_and_inference():
 
 
 def test_backbone_parameters_live_under_backbone_and_timm_checkpoints_load(tmp_path):
-    from weakseg.models.backbones import save_weights
+    from weakseg.models.backbones.weights import save_weights
 
     model = make(class_tokens=True)
     names = [n for n, _ in model.named_parameters()]

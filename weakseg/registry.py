@@ -22,6 +22,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "method": ("weakseg.models.methods.cam", "weakseg.models.methods.seam", "weakseg.models.methods.vit_cam"),
     "refiner": ("weakseg.refine.builders",),
     "loss_term": ("weakseg.losses.classification", "weakseg.losses.fsl", "weakseg.losses.deal", "weakseg.losses.seam"),
+    "backbone": ("weakseg.models.backbones.tiny", "weakseg.models.backbones.efficientnet_lite",
+                 "weakseg.models.backbones.resnet38d", "weakseg.models.backbones.timm_models"),
+    "dataset": ("weakseg.data.voc", "weakseg.data.folder", "weakseg.data.nyu", "weakseg.data.coco", "weakseg.data.synthetic"),
 }
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 

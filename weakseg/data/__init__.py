@@ -1,47 +1,34 @@
 """Datasets: one `Sample` interface over several on-disk layouts.
 
-Each layout lives in its own module exposing
-
-    Config                      a dataclass of the layout's keys (see docs/datasets.md)
-    build(config, base_dir, strict) -> SegDataset
-
-and is registered in `LAYOUTS` below. A dataset config is a mapping with `kind:` plus
+Each layout lives in its own module, which registers a `DatasetLayout` (its `Config`
+dataclass of keys, see docs/datasets.md; `build(config, base_dir, strict) -> SegDataset`; its
+path keys) as ``@register("dataset", kind)``. A dataset config is a mapping with `kind:` plus
 that layout's keys; relative paths resolve against `base_dir` (the config file's folder).
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Mapping
 
 from weakseg.config import from_mapping, load_yaml, resolve_path
-from weakseg.data.base import SegDataset, Sample
+from weakseg.data.base import DatasetLayout, SegDataset, Sample
 from weakseg.errors import ConfigError
-
-# kind -> module under weakseg.data
-LAYOUTS = {
-    "voc": "voc",
-    "folder": "folder",
-    "nyu": "nyu",
-    "coco": "coco",
-    "synthetic": "synthetic",
-}
+from weakseg.registry import available, lookup
 
 
-def layout_module(kind: str):
-    if kind not in LAYOUTS:
-        raise ConfigError(f"dataset.kind: {kind!r} is not allowed; allowed values: {', '.join(LAYOUTS)}")
-    return importlib.import_module(f"weakseg.data.{LAYOUTS[kind]}")
+def layout(kind: str, prefix: str = "dataset") -> DatasetLayout:
+    """The registered layout `kind`; one ConfigError naming `<prefix>.kind` otherwise."""
+    return lookup("dataset", kind, f"{prefix}.kind")
 
 
 def check_dataset_mapping(mapping: Any, prefix: str = "dataset") -> None:
     """Refuse a dataset mapping with no or an unknown `kind`, or a key its layout does not
     have, before any file is read or written (configs check this when they load)."""
     if not isinstance(mapping, Mapping) or "kind" not in mapping:
-        raise ConfigError(f"{prefix}.kind: required key is missing; allowed values: {', '.join(LAYOUTS)}")
+        raise ConfigError(f"{prefix}.kind: required key is missing; allowed values: {', '.join(available('dataset'))}")
     options = dict(mapping)
-    from_mapping(layout_module(options.pop("kind")).Config, options, prefix)
+    from_mapping(layout(options.pop("kind"), prefix).config, options, prefix)
 
 
 def build_dataset(
@@ -51,9 +38,9 @@ def build_dataset(
     check_dataset_mapping(mapping, prefix)
     options = dict(mapping)
     kind = options.pop("kind")
-    module = layout_module(kind)
-    config = from_mapping(module.Config, options, prefix)
-    return module.build(config, Path(base_dir) if base_dir is not None else None, strict)
+    found = layout(kind, prefix)
+    config = from_mapping(found.config, options, prefix)
+    return found.build(config, Path(base_dir) if base_dir is not None else None, strict)
 
 
 def with_absolute_paths(mapping: Mapping[str, Any], base_dir: str | Path | None) -> dict:
@@ -62,7 +49,7 @@ def with_absolute_paths(mapping: Mapping[str, Any], base_dir: str | Path | None)
     options = dict(mapping)
     if base_dir is None or "kind" not in options:
         return options
-    for key in layout_module(options["kind"]).PATH_KEYS:
+    for key in layout(options["kind"]).path_keys:
         if isinstance(options.get(key), str):
             options[key] = str(resolve_path(options[key], base_dir).resolve())
     return options
@@ -80,4 +67,4 @@ def dataset_from_file(path: str | Path, strict: bool = True) -> SegDataset:
     return build_dataset(load_dataset_config(path), Path(path).parent, strict)
 
 
-__all__ = ["Sample", "SegDataset", "build_dataset", "dataset_from_file", "load_dataset_config", "with_absolute_paths", "LAYOUTS"]
+__all__ = ["Sample", "SegDataset", "build_dataset", "dataset_from_file", "load_dataset_config", "with_absolute_paths", "layout"]

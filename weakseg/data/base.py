@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from weakseg.errors import DataError, DatasetProblems
 from weakseg.labels import IGNORE
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """An on-disk layout, registered as ``@register("dataset", kind)``: its config dataclass
+    (the keys under `dataset:`), its builder ``build(config, base_dir, strict) -> SegDataset``,
+    and the keys that hold paths relative to the config file."""
+
+    config: type
+    build: Callable
+    path_keys: tuple[str, ...] = ()
 
 
 @dataclass

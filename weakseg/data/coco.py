@@ -27,10 +27,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from weakseg.config import resolve_path
-from weakseg.data.base import SegDataset, Sample, multi_hot
+from weakseg.data.base import DatasetLayout, Sample, SegDataset, multi_hot
 from weakseg.data.io import read_image_rgb, resolve_under
 from weakseg.errors import ConfigError, DataError
 from weakseg.labels import IGNORE
+from weakseg.registry import register
 
 MAX_CATEGORIES = 254  # ids 1..254; 0 is background and 255 void
 
@@ -294,3 +295,6 @@ def build(config: Config, base_dir: Path | None, strict: bool) -> CocoDataset:
     if strict:
         dataset.raise_index_problems()
     return dataset
+
+
+LAYOUT = register("dataset", "coco")(DatasetLayout(Config, build, PATH_KEYS))

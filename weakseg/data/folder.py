@@ -23,10 +23,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from weakseg.config import resolve_path
-from weakseg.data.base import SegDataset, Sample, check_same_size, labels_from_mask, multi_hot
+from weakseg.data.base import DatasetLayout, Sample, SegDataset, check_same_size, labels_from_mask, multi_hot
 from weakseg.data.io import read_depth, read_image_rgb, read_label_map, resolve_under
 from weakseg.errors import ConfigError, DataError
 from weakseg.labels import IGNORE
+from weakseg.registry import register
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff")
@@ -513,3 +514,6 @@ __all__ = [
     "read_mask",
     "mask_lookup_table",
 ]
+
+
+LAYOUT = register("dataset", "folder")(DatasetLayout(Config, build, PATH_KEYS))

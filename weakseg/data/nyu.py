@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weakseg.data import folder
+from weakseg.data.base import DatasetLayout
+from weakseg.registry import register
 
 NYU40_CLASSES = (
     "wall",
@@ -98,3 +100,6 @@ def folder_config(config: Config) -> folder.Config:
 
 def build(config: Config, base_dir: Path | None, strict: bool) -> folder.FolderDataset:
     return folder.build_folder(folder_config(config), base_dir, strict, kind="nyu")
+
+
+LAYOUT = register("dataset", "nyu")(DatasetLayout(Config, build, PATH_KEYS))

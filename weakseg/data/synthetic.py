@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from weakseg.data.base import SegDataset, labels_from_mask
+from weakseg.data.base import DatasetLayout, SegDataset, labels_from_mask
+from weakseg.registry import register
 
 SHAPES = ("disc", "box", "triangle", "ring", "cross", "star", "crescent", "diamond")
 
@@ -201,3 +202,6 @@ def build(config: Config, base_dir: Path | None = None, strict: bool = True) -> 
 
         raise ConfigError("dataset: synthetic needs num_images >= 1 and image_size >= 16")
     return SyntheticDataset(config)
+
+
+LAYOUT = register("dataset", "synthetic")(DatasetLayout(Config, build, PATH_KEYS))

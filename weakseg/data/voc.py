@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 from weakseg.config import resolve_path
+from weakseg.data.base import DatasetLayout
 from weakseg.data.folder import Entry, FolderDataset, finish, read_id_list, read_labels_file
 from weakseg.data.io import resolve_under
 from weakseg.errors import ConfigError, DataError
+from weakseg.registry import register
 
 VOC_CLASSES = (
     "background",
@@ -127,3 +129,6 @@ def build(config: Config, base_dir: Path | None, strict: bool) -> FolderDataset:
         entries=entries,
     )
     return finish(dataset, problems, strict)
+
+
+LAYOUT = register("dataset", "voc")(DatasetLayout(Config, build, PATH_KEYS))

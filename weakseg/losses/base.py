@@ -4,8 +4,8 @@ A term has a `name`, a `weight` (zero during the first `warmup_epochs` epochs, c
 0), and `reads`: the model outputs it is applied to (e.g. "cams"; SEAM adds "cams_pcm", a
 ViT CAM "cams_coarse"/"cams_fine"). Over several outputs the value is their mean, as DEAL
 averages the two branches of WeakTr and SEAM (deal eq. 14-15) and ISL/FSL those of WeakTr
-(deal eq. 13). The batch is a dict: "image" (normalised network input), "rgb" (B, 3, H, W)
-in [0, 1], "labels" (B, C) multi-hot over foreground classes, "depth" (B, 1, H, W) metres.
+(deal eq. 13). The batch is a dict: "rgb" (B, 3, H, W) in [0, 1] (the network's input; it normalises
+it itself), "labels" (B, C) multi-hot over foreground classes, "depth" (B, 1, H, W) metres.
 The trainer adds `weight_at(epoch) * term.loss(outputs, batch, background_channel)`.
 """
 

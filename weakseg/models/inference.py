@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.data.tensor import normalize
 from weakseg.errors import ConfigError
 
 
@@ -142,7 +141,7 @@ def infer_cams(
     output: str = "cams",
     activation: str = "relu",
 ) -> np.ndarray:
-    """CAMs of one normalised image (1, 3, H, W) for the given label-vector indices ->
+    """CAMs of one RGB image (1, 3, H, W) in 0..1 for the given label-vector indices ->
     (len(class_indices), H, W) float32 in [0, 1)."""
     return infer_cams_and_probs(
         model, image, class_indices, scales, flip, background_channel, output, activation, with_probs=False
@@ -159,7 +158,7 @@ def infer_class_probs(
     output: str = "cams",
 ) -> np.ndarray:
     """The CAM network's own per-pixel probabilities of [background, present classes] for one
-    normalised image (1, 3, H, W) -> (1 + len(class_indices), H, W) float32, summing to 1.
+    RGB image (1, 3, H, W) in 0..1 -> (1 + len(class_indices), H, W) float32, summing to 1.
 
     Unlike the max-normalised CAMs, these keep the model's calibration, so they can decide
     background without a threshold:
@@ -184,8 +183,8 @@ def predict_probs(
     """Class probabilities of one RGB image (3, H, W) in [0, 1] (uint8 0..255 is also taken)
     -> (K, H, W) float32, the softmax averaged over `scales` and, with `flip`, mirrored passes.
 
-    The image is normalised with the model's `input_normalization` (ImageNet statistics when
-    it declares none), as the trainer does. It runs on `image.device`; put the model in eval
+    Each scaled and flipped copy of the RGB image goes to the model, which normalises it
+    itself (its `input_norm`). It runs on `image.device`; put the model in eval
     mode first (dropout and batch statistics would otherwise change the result).
     """
     if image.dim() != 3 or image.shape[0] != 3:
@@ -193,11 +192,10 @@ def predict_probs(
     if not scales:
         raise ValueError("predict_probs needs at least one scale")
     _, h, w = image.shape
-    rgb = image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
-    normalised = normalize(rgb.unsqueeze(0), getattr(model, "input_normalization", None))
+    rgb = (image.float().div(255.0) if image.dtype == torch.uint8 else image.float()).unsqueeze(0)
     total = None
     for scale in scales:
-        logits = _forward_padded(model, _scale_and_flip(normalised, scale, flip))[output]
+        logits = _forward_padded(model, _scale_and_flip(rgb, scale, flip))[output]
         probs = torch.softmax(F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False), dim=1)
         merged = _merge_flip(probs, flip)
         total = merged if total is None else total + merged

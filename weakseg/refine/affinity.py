@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.labels import IGNORE
-from weakseg.models.backbones import InputNorm, build_backbone, input_norm_of
+from weakseg.models.backbones import build_backbone
+from weakseg.models.backbones.norm import NormalisesInput
 from weakseg.refine.base import cams_to_probs, check_inputs
 
 # (alpha_low, alpha_high) of the affinity labels; see the module docstring for the sources.
@@ -254,8 +255,8 @@ def random_walk(
 # --------------------------------------------------------------------------------------
 
 
-class AffinityNet(nn.Module):
-    """Backbone from the factory + a 1x1 head: forward((B, 3, H, W) normalised images) ->
+class AffinityNet(NormalisesInput, nn.Module):
+    """Backbone from the factory + a 1x1 head: forward((B, 3, H, W) RGB images) ->
     (B, dim, h, w) affinity features.
 
     Head: conv1x1 -> ELU -> conv1x1 -> ELU, psa's f8/f9 layers on a single feature level
@@ -281,12 +282,8 @@ class AffinityNet(nn.Module):
         rebuild_kwargs = {k: v for k, v in backbone_kwargs.items() if k not in ("weights", "pretrained")}
         self.config = {"backbone": backbone, "dim": dim, "backbone_kwargs": rebuild_kwargs}
 
-    @property
-    def input_norm(self) -> InputNorm:
-        return input_norm_of(self.backbone)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.head(self.backbone(self.input_norm(images)))
 
     @classmethod
     def from_state(cls, state: dict) -> "AffinityNet":
@@ -304,14 +301,14 @@ class AffinityNet(nn.Module):
 
 @torch.inference_mode()
 def image_features(model: nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """(H, W, 3) uint8 -> (D, h, w) features of `model` (needs `output_stride`, `input_norm`).
+    """(H, W, 3) uint8 -> (D, h, w) features of `model` (an RGB-in network with `output_stride`).
     The image is edge-padded at the bottom/right to a multiple of the stride, so the grid
     covers ceil(H/s) x ceil(W/s) whole cells (ViTs need it; CNNs then align exactly)."""
     s = int(model.output_stride)
     h, w = image.shape[:2]
     padded = np.pad(image, ((0, -h % s), (0, -w % s), (0, 0)), mode="edge")
     batch = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].to(device)
-    return model(model.input_norm(batch))[0]
+    return model(batch)[0]
 
 
 class RandomWalk:

@@ -26,7 +26,7 @@ import torch
 from weakseg.config import to_dict
 from weakseg.data import synthetic
 from weakseg.data.io import write_label_png, write_rgb_png, write_text_atomic
-from weakseg.data.tensor import images_to_tensor
+from weakseg.data.tensor import rgb_batch
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.inference import infer_cams
@@ -95,7 +95,7 @@ def run(out_dir: str | Path, quick: bool = False, seed: int = 0, show_progress: 
         for i in range(len(dataset)):
             samples.append(dataset[i])
             bars.advance(task)
-        images = images_to_tensor([s.image for s in samples])
+        images = rgb_batch([s.image for s in samples])
 
         torch.manual_seed(seed)
         model = CAMNet(len(dataset.foreground_ids), width=config.width, output_stride=config.output_stride)

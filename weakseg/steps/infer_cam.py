@@ -28,7 +28,7 @@ import numpy as np
 
 from weakseg.data import SegDataset
 from weakseg.data.io import atomic_path, write_label_png, write_text_atomic
-from weakseg.data.tensor import images_to_tensor
+from weakseg.data.tensor import rgb_batch
 from weakseg.errors import DataError
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
 from weakseg.metrics.evaluator import SegEvaluator
@@ -94,7 +94,7 @@ def infer_cams(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path,
     missing_masks = 0
     for done, i in enumerate(mine, 1):
         sample = dataset[i]
-        image = images_to_tensor([sample.image], model.input_normalization).to(dev)
+        image = rgb_batch([sample.image]).to(dev)
         indices = np.flatnonzero(sample.labels > 0.5).tolist()
         cams, probs = infer_cams_and_probs(
             model, image, indices, scales, flip, model.background_channel, activation=activation,

@@ -59,8 +59,8 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
         crf = DenseCRF(config.crf)
     for i in range(len(dataset)):
         sample = dataset[i]
-        # np.require copies read-only images (cached samples), which torch may not wrap.
-        rgb = torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1).float().div(255.0).to(dev)
+        # uint8 RGB as it comes (np.require copies read-only cached images, which torch may not wrap)
+        rgb = torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1).to(dev)
         probs = predict_probs(model, rgb, config.scales, config.flip)
         probs = probs.cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
         if crf is not None:

@@ -31,7 +31,6 @@ import torch
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path
 from weakseg.errors import ConfigError, DataError, NonFiniteLoss, WeaksegError
-from weakseg.data.tensor import normalize
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.base import LossTerm
 from weakseg.losses.terms import LossConfig, build_terms
@@ -427,7 +426,6 @@ def fit(
         restore_global_rng(state)
     net = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch) if main else None
-    normalise = _input_normaliser(model)
     batches = lambda epoch: epoch_batches(len(data), config, epoch, steps_per_epoch)  # noqa: E731
     sampler = _EpochBatchSampler(batches)
     loader = make_loader(data, sampler, workers, device) if start_epoch < config.epochs else None
@@ -452,11 +450,11 @@ def fit(
                 n_local = len(distributed.local_slice(global_idx))
                 scale = distributed.loss_scale(n_local, len(global_idx))
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                batch["image"] = normalise(batch["rgb"]).contiguous(memory_format=memory_format)
+                rgb = batch["rgb"].contiguous(memory_format=memory_format)  # the network normalises it
                 step = epoch * steps_per_epoch + step_in_epoch
                 lr = set_poly_lr(optimizer, config, step, total_steps)
                 with autocast(device, config.precision):
-                    outputs = _as_outputs(net(batch["image"]))
+                    outputs = _as_outputs(net(rgb))
                     values = [term(outputs, batch, background_channel) for term in terms]
                     total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
                 # Global batch means of every term (sums over ranks of n_r * mean_r), so the
@@ -512,11 +510,3 @@ def fit(
     # data_wait: the share of the steady steps' time spent waiting for a batch.
     return {"epoch_losses": epoch_losses, "steps": total_steps, "data_wait": waited / looped if looped else None}
 
-
-def _input_normaliser(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """RGB in [0, 1] -> the model's input: its `input_normalization` (mean, std) pair, or its
-    `input_norm` callable (AffinityNet), else ImageNet statistics."""
-    pair = getattr(model, "input_normalization", None)
-    if pair is None and callable(getattr(model, "input_norm", None)):
-        return model.input_norm
-    return lambda rgb: normalize(rgb, pair)

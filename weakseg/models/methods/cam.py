@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weakseg.models.backbones import build_backbone, input_norm_of
+from weakseg.models.backbones import build_backbone
+from weakseg.models.backbones.norm import NormalisesInput
 from weakseg.models.heads import CAMHead
 from weakseg.registry import register
 
 
 @register("method", "cam")
-class CAMNet(nn.Module):
+class CAMNet(NormalisesInput, nn.Module):
     inference_output = "cams"  # what CAM inference reads
     score_output = "cams"  # raw class scores (logit-like): the model's probabilities
 
@@ -26,12 +27,6 @@ class CAMNet(nn.Module):
         self.head = CAMHead(self.backbone.out_channels, num_classes + (1 if background_channel else 0))
         self.num_classes = num_classes
 
-    @property
-    def input_normalization(self) -> tuple:
-        """(mean, std) the backbone expects for RGB in [0, 1] (EfficientNet-Lite: (x*255-127)/128)."""
-        norm = input_norm_of(self.backbone)
-        return norm.mean, norm.std
-
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = self.head(self.backbone(images))  # (B, C[+1], h, w)
+        scores = self.head(self.backbone(self.input_norm(images)))  # (B, C[+1], h, w)
         return {"cams": scores, "logits": scores.mean(dim=(2, 3))}

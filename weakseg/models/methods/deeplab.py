@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weakseg.models.backbones import build_backbone, input_norm_of
+from weakseg.models.backbones import build_backbone
+from weakseg.models.backbones.norm import NormalisesInput
 from weakseg.models.heads import DeepLabHead
 
 
-class DeepLabNet(nn.Module):
+class DeepLabNet(NormalisesInput, nn.Module):
     """backbone -> :class:`~weakseg.models.heads.DeepLabHead`; outputs {"seg": (B, K, h, w)}.
 
     num_classes_with_background: K, the classes including background.
@@ -58,11 +59,5 @@ class DeepLabNet(nn.Module):
         )
         self.num_classes = num_classes_with_background
 
-    @property
-    def input_normalization(self) -> tuple:
-        """(mean, std) the backbone expects for RGB in [0, 1] (EfficientNet-Lite: (x*255-127)/128)."""
-        norm = input_norm_of(self.backbone)
-        return norm.mean, norm.std
-
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"seg": self.head(self.backbone(images))}  # (B, K, h, w), h = ceil(H / stride)
+        return {"seg": self.head(self.backbone(self.input_norm(images)))}  # (B, K, h, w), h = ceil(H / stride)

@@ -72,7 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.models.backbones import build_backbone, input_norm_of
+from weakseg.models.backbones import build_backbone
+from weakseg.models.backbones.norm import NormalisesInput
 from weakseg.models.heads import CAMHead
 from weakseg.registry import register
 
@@ -142,7 +143,7 @@ class PixelCorrelationModule(nn.Module):
 
 
 @register("method", "seam")
-class SEAMNet(nn.Module):
+class SEAMNet(NormalisesInput, nn.Module):
     """SEAM's siamese CAM network with PCM; see the module docstring for outputs and deviations.
 
     num_classes: C foreground classes. scale: the rescaling of the second branch in training
@@ -180,14 +181,9 @@ class SEAMNet(nn.Module):
         nn.init.xavier_uniform_(self.head.classifier.weight)
         self.pcm = PixelCorrelationModule(self.backbone.out_channels, pcm_dim)
 
-    @property
-    def input_normalization(self) -> tuple:
-        """(mean, std) the backbone expects for RGB in [0, 1] (EfficientNet-Lite: (x*255-127)/128)."""
-        norm = input_norm_of(self.backbone)
-        return norm.mean, norm.std
-
     def branch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One pass of the siamese network: {cams, logits, cams_pcm, cams_pcm_background}."""
+        """One pass of the siamese network on normalised images (the PCM sees them too, as
+        SEAM's does): {cams, logits, cams_pcm, cams_pcm_background}."""
         features = self.backbone(images)
         cams = self.head(self.dropout(features))
         pcm_features = features.detach() if self.detach_pcm_features else features
@@ -200,6 +196,7 @@ class SEAMNet(nn.Module):
         }
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = self.input_norm(images)  # RGB in; the scaled branch resizes the normalised batch, as SEAM does
         outputs = self.branch(images)
         if self.training:
             size = scaled_size(tuple(images.shape[2:]), self.scale)

@@ -118,7 +118,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.errors import ConfigError
-from weakseg.models.backbones import build_backbone, input_norm_of
+from weakseg.models.backbones import build_backbone
+from weakseg.models.backbones.norm import NormalisesInput
 from weakseg.registry import register
 
 
@@ -244,7 +245,7 @@ class AdaptiveAttentionFusion(nn.Module):
 
 
 @register("method", "vit_cam")
-class ViTCAMNet(nn.Module):
+class ViTCAMNet(NormalisesInput, nn.Module):
     """WeakTr-style CAM network on a timm ViT: coarse CAM (conv head on patch tokens) and fine
     CAM (adaptively fused attention propagating the coarse CAM). See the module docstring.
 
@@ -314,23 +315,17 @@ class ViTCAMNet(nn.Module):
         return token, pos
 
     @property
-    def input_normalization(self) -> tuple:
-        """(mean, std) the backbone expects for RGB in [0, 1] (ImageNet statistics for DeiT)."""
-        norm = input_norm_of(self.backbone)
-        return norm.mean, norm.std
-
-    @property
     def num_prefix(self) -> int:
         """Tokens before the patch tokens: C class tokens, or timm's prefix tokens."""
         return self.num_classes if self.use_class_tokens else int(self.backbone.model.num_prefix_tokens)
 
     def tokens_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
-        """images -> (final tokens (B, prefix + h*w, D), per-block attention list, (h, w))."""
+        """RGB images -> (final tokens (B, prefix + h*w, D), per-block attention list, (h, w))."""
         vit = self.backbone.model
         s = self.backbone.output_stride
         if images.shape[-2] % s or images.shape[-1] % s:
             raise ValueError(f"vit_cam: input size {tuple(images.shape[-2:])} must be divisible by {s}")
-        x, grid = vit_embed(vit, images)
+        x, grid = vit_embed(vit, self.input_norm(images))
         if self.use_class_tokens:
             # Drop timm's prefix tokens (the patches keep timm's resampled position embedding)
             # and put the C class tokens, with their own position embedding, in front.

@@ -57,7 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.errors import ConfigError
-from weakseg.models.backbones import IMAGENET_NORM, init_conv_bn
+from weakseg.models.backbones.layers import init_conv_bn
+from weakseg.models.backbones.norm import IMAGENET_NORM
+from weakseg.registry import register
 
 # Stage widths: (unit name prefix, units, in channels of the first unit, mid, out).
 _PLAIN_STAGES = (
@@ -279,3 +281,11 @@ class ResNet38d(nn.Module):
         for name in self.unit_names:
             x = getattr(self, name)(x)
         return F.relu(self.bn7(x))
+
+
+@register("backbone", "resnet38d")
+def build_resnet38d(name: str, pretrained: bool = False, output_stride: int | None = None, **kwargs) -> ResNet38d:
+    """Output stride 8 by default (psa, SEAM); weights=PATH: the converted MXNet ImageNet file."""
+    if pretrained:
+        raise ConfigError("resnet38d: pass weights=PATH to the converted ilsvrc-cls_rna-a1_cls1000_ep-0001 file")
+    return ResNet38d(output_stride=output_stride or 8, **kwargs)
