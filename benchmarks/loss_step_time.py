@@ -55,7 +55,7 @@ def main() -> None:
     for i in range(args.batch):
         labels[i, torch.randperm(classes, generator=g)[: 1 + i % args.present_max]] = 1
     rgb = torch.rand(args.batch, 3, args.size, args.size, generator=g)
-    batch = {"rgb": rgb, "image": (rgb - 0.45) / 0.25, "labels": labels,
+    batch = {"rgb": rgb, "labels": labels,
              "depth": torch.rand(args.batch, 1, args.size, args.size, generator=g) * 5}
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     variants = {}
@@ -71,7 +71,7 @@ def main() -> None:
     for step in range(args.repeats + 2):
         for name, terms in variants.items():
             start = time.perf_counter()
-            outputs = model(batch["image"])
+            outputs = model(batch["rgb"])  # RGB in; the network normalises it
             grid = tuple(outputs["cams"].shape[2:])
             total = sum(t.weight_at(99) * t(outputs, batch) for t in terms)
             optimizer.zero_grad()
@@ -84,7 +84,7 @@ def main() -> None:
     # (a leaf tensor), i.e. exactly the work a term adds to a step; far less noisy than the
     # difference of two whole steps.
     with torch.no_grad():
-        fixed = model(batch["image"])
+        fixed = model(batch["rgb"])
     term_times: dict[str, list[float]] = {name: [] for name in variants}
     for step in range(3 * args.repeats + 2):
         for name, terms in variants.items():

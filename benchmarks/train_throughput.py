@@ -24,7 +24,9 @@ the baseline does not have is marked n/a. Rows:
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -158,17 +160,15 @@ def child_infer(job: dict) -> dict:
     dataset.ids = dataset.ids[: job["images"]]
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
-    try:  # the step model (issue 15): model files in one module, steps configured by dataclasses
-        from weakseg.steps import model_files
-    except ImportError:  # a baseline from before it
-        model_files = None
+    step_model = importlib.util.find_spec("weakseg.steps.model_files") is not None  # False: a baseline from before issue 15
     if job["kind"] == "cam_infer":
         from weakseg.steps import infer_cam
 
         config = ModelConfig(**job["model"])
-        save = model_files.save_cam_model if model_files else __import__("weakseg.steps.train_cam").steps.train_cam.save_cam_model
+        save = getattr(importlib.import_module("weakseg.steps.model_files" if step_model else "weakseg.steps.train_cam"),
+                       "save_cam_model")
         save(work / "cam_model.pt", build_model(config, len(dataset.foreground_ids)), config, dataset)
-        if model_files:
+        if step_model:
             settings = infer_cam.InferCamConfig(scales=[1.0], flip=True)
             run = lambda: infer_cam.infer_cams(work / "cam_model.pt", dataset, work / "out", settings)  # noqa: E731
         else:
@@ -177,9 +177,10 @@ def child_infer(job: dict) -> dict:
         from weakseg.steps import predict
 
         config = SegModelConfig(**job["model"])
-        save = model_files.save_seg_model if model_files else __import__("weakseg.steps.train_seg").steps.train_seg.save_seg_model
+        save = getattr(importlib.import_module("weakseg.steps.model_files" if step_model else "weakseg.steps.train_seg"),
+                       "save_seg_model")
         save(work / "seg_model.pt", build_seg_model(config, dataset.num_classes), config, dataset)
-        if model_files:
+        if step_model:
             settings = predict.PredictConfig([1.0], True)
             run = lambda: predict.predict(work / "seg_model.pt", dataset, work / "out", settings)  # noqa: E731
         else:
@@ -217,7 +218,7 @@ def baseline_tree(commit: str) -> Path:
     where = Path(tempfile.mkdtemp(prefix="weakseg-baseline-"))
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "weakseg"], capture_output=True,
                              check=True).stdout
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(where, filter="data")
     return where
 

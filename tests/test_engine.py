@@ -75,6 +75,36 @@ def test_a_sample_is_a_pure_function_of_seed_epoch_and_index():
     assert not torch.equal(a["rgb"], c["rgb"])  # another epoch, another crop
 
 
+def test_the_training_datasets_survive_pickling_for_spawned_workers(tmp_path):
+    """Under the spawn start method (macOS, Windows) every DataLoader worker receives the
+    dataset pickled: the segmentation targets and the AffinityNet's labels must pickle, and
+    give the same sample on the other side."""
+    import pickle
+
+    from weakseg.data.io import write_label_png
+    from weakseg.steps.infer_cam import save_cams
+    from weakseg.steps.train_seg import label_reader
+    from weakseg.train.affinity import AffinityLabels
+
+    dataset = build_dataset(DATA)
+    for i in range(2):
+        sample = dataset[i]
+        write_label_png(tmp_path / "labels" / f"{sample.id}.png", sample.mask)
+        cams = np.stack([(sample.mask == c).astype(np.float32) for c in sample.present_class_ids])
+        save_cams(tmp_path / "infer_cam" / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids)
+    augment = small_config().augment
+    seg = trainer.AugmentedDataset(dataset, augment, 0, False, trainer._TargetById(label_reader(tmp_path, dataset)))
+    affinity = trainer.AugmentedDataset(dataset, augment, 0, False,
+                                        AffinityLabels(dataset, tmp_path / "infer_cam", tmp_path / "aff", 4.0, 24.0))
+    for data in (seg, affinity):
+        copy = pickle.loads(pickle.dumps(data))
+        for key in (0, 1), (1, 0):
+            ours, theirs = data[key], copy[key]
+            assert ours.keys() == theirs.keys() and "mask" in ours
+            for name in ours:
+                assert torch.equal(ours[name], theirs[name]), name
+
+
 def test_images_of_different_sizes_are_one_clear_error():
     items = [{"rgb": torch.zeros(3, 8, 8)}, {"rgb": torch.zeros(3, 8, 9)}]
     with pytest.raises(ConfigError, match="crop_size"):

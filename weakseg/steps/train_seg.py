@@ -33,20 +33,22 @@ from weakseg.train.trainer import TrainConfig, train
 NAME = "train_seg"
 
 
-def label_reader(labels_dir: Path, dataset: SegDataset):
-    """sample id -> its pseudo-label map, checked against the dataset's class count."""
+class label_reader:
+    """sample id -> its pseudo-label map, checked against the dataset's class count. A class,
+    not a closure, so DataLoader workers started by spawn (macOS, Windows) can receive it."""
 
-    def read(sample_id: str) -> np.ndarray:
-        path = labels_dir / "labels" / f"{sample_id}.png"
+    def __init__(self, labels_dir: Path, dataset: SegDataset):
+        self.labels_dir, self.num_classes = Path(labels_dir), int(dataset.num_classes)
+
+    def __call__(self, sample_id: str) -> np.ndarray:
+        path = self.labels_dir / "labels" / f"{sample_id}.png"
         if not path.is_file():
             raise DataError(path, "pseudo-label missing: run `weakseg pseudo-labels` first")
         label = read_label_map(path)
-        bad = np.unique(label[(label != 255) & (label >= dataset.num_classes)])
+        bad = np.unique(label[(label != 255) & (label >= self.num_classes)])
         if bad.size:
-            raise DataError(path, f"label ids {bad.tolist()} outside the {dataset.num_classes} classes")
+            raise DataError(path, f"label ids {bad.tolist()} outside the {self.num_classes} classes")
         return label
-
-    return read
 
 
 @dataclass

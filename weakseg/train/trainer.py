@@ -363,9 +363,19 @@ def train(
     generator = torch.Generator().manual_seed(config.seed + 1)
     terms: list[LossTerm] = build_terms(loss_config, generator) if isinstance(loss_config, LossConfig) else list(loss_config)
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
-    target = (lambda index, sample: masks(sample.id)) if masks is not None else None
+    target = _TargetById(masks) if masks is not None else None
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, target)
     return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator)
+
+
+class _TargetById:
+    """(index, sample) -> masks(sample.id); picklable (unlike a lambda) for spawned workers."""
+
+    def __init__(self, masks: Callable[[str], np.ndarray]):
+        self.masks = masks
+
+    def __call__(self, index: int, sample) -> np.ndarray:
+        return self.masks(sample.id)
 
 
 def _as_outputs(outputs) -> dict[str, torch.Tensor]:
