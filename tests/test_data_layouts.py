@@ -297,7 +297,8 @@ def test_folder_labels_file_problems(tmp_path):
     labels_csv = root / "labels.csv"
     got = messages(dataset.index_problems)
     assert got == [
-        f"{labels_csv}: line 2: class id 7 for id 'b' is outside 0..2",
+        f"{root / 'classes.txt'}: 3 class names (ids 0..2), but labels.csv uses class ids up to 7 on 1 line(s), "
+        "first line 2: are names missing here (or is that id wrong)?",
         f"{labels_csv}: line 3: 'dog' is not an integer class id "
         "(write `id,c1 c2 ...` with class ids separated by spaces)",
         f"{labels_csv}: line 4: id 'a' already has labels on line 1",

@@ -244,9 +244,10 @@ def test_single_step_commands_run_one_step_after_checking_their_inputs(tmp_path)
 
 
 def test_every_step_is_a_command_with_its_keys_in_help():
-    from weakseg.steps import STEP_NAMES
+    from weakseg.steps import STAGE_OF_STEP, STEP_NAMES
 
     assert STEP_NAMES == tuple(step.name for step in pipeline.STEPS)
+    assert STAGE_OF_STEP == {step.name: step.stage for step in pipeline.STEPS if step.stage is not None}
     runner = CliRunner()
     for step in pipeline.STEPS:
         result = runner.invoke(app, [step.command, "--help"])

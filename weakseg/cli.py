@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from weakseg.errors import WeaksegError
-from weakseg.progress import console, progress_bar
+from weakseg.errors import ConfigError, WeaksegError
+from weakseg.progress import StepProgress, console, progress_bar
 from weakseg.steps import STEP_NAMES
 
 app = typer.Typer(
@@ -66,21 +66,39 @@ def demo(
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Folder of predicted PNG label maps (255 = no prediction)."),
     gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth PNG label maps (255 = void); matched by file stem."),
-    classes: Optional[Path] = typer.Option(None, "--classes", help="Text file, one class name per line (line i = id i). Default: ids 0..max seen."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="Text file, one class name per line (line i = id i). Default: the --data dataset's, else ids 0..max seen."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A dataset config (or a pipeline config with `dataset:`): its class names and its background class (or none) are used."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
-    background: bool = typer.Option(True, "--background/--no-background", help="Class 0 is background (left out of the mean contour F)."),
+    background: Optional[bool] = typer.Option(None, "--background/--no-background", help="Class 0 is background (left out of the mean contour F), or there is none. Default: the --data dataset's setting, else class 0 (an assumption, printed and stored in the JSON)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes that read and score the images (default: one per core); the numbers do not depend on it."),
 ) -> None:
     """Evaluate predicted label maps: J (mIoU), contour F, J&F, boundary IoU, precision, recall."""
     from weakseg.steps import evaluate as evaluate_step
 
+    class_names, background_index, source = None, None, None
+    if data is not None:
+        from weakseg.data import dataset_from_file
+
+        if classes is not None:
+            raise ConfigError("--classes and --data both name the classes; give one")
+        dataset = dataset_from_file(data, strict=False)
+        class_names, background_index = list(dataset.class_names), dataset.background_index
+        source = f"the dataset of {data}"
+    if background is not None:
+        background_index = 0 if background else None
+        source = "--background" if background else "--no-background"
+    elif source is None:
+        background_index, source = 0, "assumed (no --data, --background or --no-background given)"
     with progress_bar() as bars:
         task = bars.add_task("evaluate", total=None)
         summary = evaluate_step.run(
-            pred, gt, classes, json_out, background, on_image=lambda i, n: bars.update(task, completed=i, total=n),
-            workers=workers,
+            pred, gt, classes, json_out, background_index, on_image=lambda i, n: bars.update(task, completed=i, total=n),
+            workers=workers, class_names=class_names, background_source=source,
         )
     out_console.print(_metrics_table(summary, f"{summary['num_images']} images"))
+    named = summary["background_class"]
+    out_console.print(f"background: {'none (every class counts in F)' if named is None else repr(named) + ' (left out of F)'}"
+                      f", {source}")
     out_console.print("classes absent from both ground truth and prediction: n/a, left out of the means")
     if json_out is not None:
         out_console.print(f"wrote {json_out}")
@@ -111,6 +129,10 @@ class _StepCommand(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
+def _log(message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def _step_line(name: str, result: dict) -> str:
     if "miou" in result:
         return (f"{name}: J={_fmt(result['miou'])}  F={_fmt(result['contour_f'])}  J&F={_fmt(result['jf'])}  "
@@ -129,9 +151,7 @@ def _add_step_command(name: str) -> None:
         from weakseg.steps import pipeline
 
         with progress_bar() as bars:
-            task = bars.add_task(name, total=None)
-            result = pipeline.run_step(name, config, overrides or [], log=lambda m: console.print(m),
-                                       progress=lambda i, n: bars.update(task, completed=i, total=n))
+            result = pipeline.run_step(name, config, overrides or [], log=_log, progress=StepProgress(bars, name))
         out_console.print(_step_line(name, result), markup=False, highlight=False)
 
     step_command.__doc__ = f"Run the pipeline step {name} of CONFIG alone (--help: its keys)."
@@ -157,17 +177,7 @@ def run_pipeline(
     from weakseg.steps import pipeline
 
     with progress_bar() as bars:
-        tasks: dict = {}
-
-        def progress(step: str):
-            def update(i: int, n: int) -> None:
-                if step not in tasks:
-                    tasks[step] = bars.add_task(step, total=n)
-                bars.update(tasks[step], completed=i, total=n)
-
-            return update
-
-        summary = pipeline.run(config, overrides or [], from_step, log=lambda m: console.print(m), progress=progress,
+        summary = pipeline.run(config, overrides or [], from_step, log=_log, progress=lambda step: StepProgress(bars, step),
                                to_step=to_step)
     table = Table(title=f"results ({summary['evaluated_on']})")
     for column in ("stage", "J", "F", "J&F", "boundary IoU"):
@@ -198,16 +208,19 @@ def sweep_command(
 
 @app.command("report")
 def report(
-    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `weakseg run` (each holding results.json)."),
+    run_dirs: list[Path] = typer.Argument(..., help="Folders of weakseg outputs: run folders (of `weakseg run` or of single-step commands) or step folders such as RUN/infer_cam."),
     out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: no scripts, no links)."),
-    max_images: int = typer.Option(6, "--max-images", min=0, help="Overlay rows per run: its dataset's first N images (0: none)."),
+    max_images: int = typer.Option(6, "--max-images", min=0, help="Overlay rows per run: N images chosen in dataset order to show as many classes as possible (0: none)."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated sample ids to show as overlays instead (in that order)."),
 ) -> None:
     """One self-contained HTML page comparing run folders: J, F, J&F and boundary IoU per stage,
     a J-vs-F scatter, per-class IoU bars, step seconds and overlays (image, CAM, pseudo-label,
     prediction, ground truth)."""
     from weakseg.report import write_report
 
-    out_console.print(f"wrote {write_report(run_dirs, out, max_images=max_images)}", markup=False, highlight=False)
+    chosen = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
+    out_console.print(f"wrote {write_report(run_dirs, out, max_images=max_images, ids=chosen)}", markup=False,
+                      highlight=False)
 
 
 @data_app.command("check")
@@ -218,16 +231,23 @@ def data_check(config: Path = typer.Argument(..., help="Dataset config YAML (kin
     dataset = dataset_from_file(config, strict=False)
     with progress_bar() as bars:
         task = bars.add_task(f"check {dataset.name}", total=len(dataset))
-        problems = dataset.check(progress=lambda i, n: bars.update(task, completed=i))
+        counts: dict = {}
+        problems = dataset.check(progress=lambda i, n: bars.update(task, completed=i), counts=counts)
     if problems:
         for problem in problems:
             typer.echo(f"ERROR {problem}", err=False)
         typer.echo(f"{len(problems)} problem(s) in {dataset.name}")
         raise typer.Exit(code=1)
+    background = dataset.background_index
     typer.echo(
         f"OK: {len(dataset)} samples, {dataset.num_classes} classes"
-        f" ({', '.join(dataset.class_names[:6])}{', ...' if dataset.num_classes > 6 else ''})"
+        f" ({', '.join(dataset.class_names[:6])}{', ...' if dataset.num_classes > 6 else ''}); "
+        f"background class: {'none' if background is None else repr(dataset.class_names[background])}; "
+        f"masks: {counts['masks']} of {len(dataset)}; depth maps: {counts['depth']} of {len(dataset)}"
     )
+    if dataset.absent_masks:
+        typer.echo(f"note: {len(dataset.absent_masks)} image(s) have no mask (first: {dataset.absent_masks[0]}), "
+                   "so no step can compute metrics; set dataset.require_masks: true to list them as errors")
 
 
 def _three_floats(text: Optional[str], option: str) -> Optional[list[float]]:
@@ -285,6 +305,8 @@ def main() -> None:
         app()
     except WeaksegError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        for note in getattr(exc, "__notes__", ()):
+            console.print(escape(note), highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
 
 

@@ -17,7 +17,9 @@ class DataError(WeaksegError):
     """A problem with one file of a dataset (or one entry of its index)."""
 
     def __init__(self, path: str | Path, problem: str):
-        self.path = str(path)
+        # A file is named by its absolute path, whichever folder the command ran from, so the
+        # same file reads the same in every command's errors (an id, a str, stays as given).
+        self.path = str(path.absolute() if isinstance(path, Path) else path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 

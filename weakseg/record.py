@@ -161,7 +161,8 @@ def manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def folder_lock(out_dir: Path) -> Iterator[None]:
-    """Hold OUT/.weakseg.lock for the block; RunLocked when another process holds it."""
+    """Hold OUT/.weakseg.lock for the block; RunLocked when another process holds it. The
+    file exists only while held (it says who holds it) and is removed on release."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
@@ -170,15 +171,26 @@ def folder_lock(out_dir: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no advisory locks here, run unlocked
         yield
         return
-    handle = open(path, "a+", encoding="utf-8")
-    try:
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown process"
+            handle.close()
             raise RunLocked(f"{out_dir}: another weakseg run is using this folder ({holder}); wait for it to end, "
                             "or give this run another `out`") from None
+        # The holder before us removes the file on release: if it did so between our open and
+        # our lock, we hold a lock on a file no one else can see; open the current one again.
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {now()}\n")
@@ -188,8 +200,8 @@ def folder_lock(out_dir: Path) -> Iterator[None]:
             yield
         finally:
             _HELD_LOCK_FDS.discard(handle.fileno())
-            handle.seek(0)
-            handle.truncate()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # while still holding the lock, so no one locks the old file after
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()

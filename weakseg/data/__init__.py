@@ -19,14 +19,15 @@ from weakseg.registry import available, lookup
 
 def layout(kind: str, prefix: str = "dataset") -> DatasetLayout:
     """The registered layout `kind`; one ConfigError naming `<prefix>.kind` otherwise."""
-    return lookup("dataset", kind, f"{prefix}.kind")
+    return lookup("dataset", kind, f"{prefix}.kind" if prefix else "kind")
 
 
 def check_dataset_mapping(mapping: Any, prefix: str = "dataset") -> None:
     """Refuse a dataset mapping with no or an unknown `kind`, or a key its layout does not
     have, before any file is read or written (configs check this when they load)."""
     if not isinstance(mapping, Mapping) or "kind" not in mapping:
-        raise ConfigError(f"{prefix}.kind: required key is missing; allowed values: {', '.join(available('dataset'))}")
+        key = f"{prefix}.kind" if prefix else "kind"
+        raise ConfigError(f"{key}: required key is missing; allowed values: {', '.join(available('dataset'))}")
     options = dict(mapping)
     from_mapping(layout(options.pop("kind"), prefix).config, options, prefix)
 
@@ -64,7 +65,13 @@ def load_dataset_config(path: str | Path) -> dict:
 
 
 def dataset_from_file(path: str | Path, strict: bool = True) -> SegDataset:
-    return build_dataset(load_dataset_config(path), Path(path).parent, strict)
+    """The dataset of a config file; a config error names the file and the key as the file
+    spells it (`dataset.x` under `dataset:`, plain `x` at the top level)."""
+    nested = isinstance(load_yaml(path).get("dataset"), dict)
+    try:
+        return build_dataset(load_dataset_config(path), Path(path).parent, strict, prefix="dataset" if nested else "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 __all__ = ["Sample", "SegDataset", "build_dataset", "dataset_from_file", "load_dataset_config", "with_absolute_paths", "layout"]

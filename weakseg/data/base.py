@@ -98,6 +98,9 @@ class SegDataset:
     ids: list[str] = field(default_factory=list)
     index_problems: list[DataError] = field(default_factory=list)
     name: str = "dataset"
+    # Masks the layout expected but did not find (a mask folder without every image's
+    # mask, allowed when labels come from a labels file): no metrics can be computed then.
+    absent_masks: list = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -135,16 +138,23 @@ class SegDataset:
         if self.index_problems:
             raise DatasetProblems(self.index_problems, self.name)
 
-    def check(self, progress=None) -> list[DataError]:
-        """Every problem of the dataset: index problems, then each sample loaded in full."""
+    def check(self, progress=None, counts: dict | None = None) -> list[DataError]:
+        """Every problem of the dataset: index problems, then each sample loaded in full.
+        `counts`, when given, receives how many loaded samples have a mask and a depth map."""
         problems = list(self.index_problems)
         bad_ids = {p.path for p in problems}
+        if counts is not None:
+            counts.update(masks=0, depth=0)
         for i in range(len(self.ids)):
             try:
-                self.load(i)
+                sample = self.load(i)
             except DataError as exc:
                 if exc.path not in bad_ids:
                     problems.append(exc)
+            else:
+                if counts is not None:
+                    counts["masks"] += sample.mask is not None
+                    counts["depth"] += sample.depth is not None
             if progress is not None:
                 progress(i + 1, len(self.ids))
         return problems

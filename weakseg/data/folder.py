@@ -96,7 +96,7 @@ def read_id_list(path: Path, allow_spaces: bool = True) -> tuple[list[str], list
 
 
 def read_labels_file(
-    path: Path, num_classes: int, first_id: int = 0, hint: str = ""
+    path: Path, num_classes: int, first_id: int = 0, hint: str = "", classes_source: str | Path | None = None
 ) -> tuple[dict[str, tuple[int, ...]], set[str], list[DataError]]:
     """Image-level labels, one image per line: `<id>,<class ids separated by spaces>`.
 
@@ -106,11 +106,15 @@ def read_labels_file(
 
     Returns (labels by id, ids whose line is broken, problems): a broken line is reported
     once here, and its id is then left out by the caller rather than given wrong labels.
+    Class ids past the last class, given `classes_source` (where the names come from), are one
+    problem blamed on that source (too few names), not one per line. A file with no label
+    line at all (empty, or a header only) is one DataError.
     """
     labels: dict[str, tuple[int, ...]] = {}
     broken: set[str] = set()
     problems: list[DataError] = []
     lines_of: dict[str, int] = {}
+    too_high: list[tuple[int, int]] = []  # (line, class id) past the last class
     first_line = True
     for number, line in enumerate(_read_text(path, "labels file").splitlines(), 1):
         text = line.strip()
@@ -149,6 +153,10 @@ def read_labels_file(
                 )
                 broken.add(image_id)
                 break
+            if value >= num_classes and classes_source is not None and value <= 254:
+                too_high.append((number, value))
+                broken.add(image_id)
+                break
             if not first_id <= value < num_classes:
                 problems.append(
                     DataError(
@@ -162,6 +170,16 @@ def read_labels_file(
             class_ids.append(value)
         if image_id not in broken:
             labels[image_id] = tuple(sorted(set(class_ids)))
+    if not lines_of and not problems:
+        raise DataError(path, "labels file has no label line (it is empty or holds only a header); "
+                              "write one line per image: `id,c1 c2 ...`")
+    if too_high:
+        largest = max(value for _, value in too_high)
+        problems.insert(0, DataError(
+            classes_source,
+            f"{num_classes} class names (ids 0..{num_classes - 1}), but {path.name} uses class ids up to {largest} "
+            f"on {len(too_high)} line(s), first line {too_high[0][0]}: are names missing here (or is that id wrong)?",
+        ))
     return labels, broken, problems
 
 
@@ -438,12 +456,18 @@ def build_folder(config: Config, base_dir: Path | None, strict: bool, kind: str 
     labels: dict[str, tuple[int, ...]] = {}
     broken_labels: set[str] = set()
     if labels_path is not None:
-        labels, broken_labels, label_problems = read_labels_file(labels_path, num_classes)
+        labels, broken_labels, label_problems = read_labels_file(labels_path, num_classes, classes_source=names_from)
         problems += label_problems
+        if config.ids_file is None:
+            # Every image of the folder is a sample, so a labels line whose id has no image is
+            # a mismatch (a renamed or deleted file), not another split's line.
+            for image_id in sorted(set(labels) - set(ids)):
+                problems.append(DataError(labels_path, f"labels line for id {image_id!r}, but {image_dir} has no image with that id"))
     depths = _FileIndex(depth_dir, DEPTH_EXTENSIONS) if depth_dir is not None else None
 
     kept_ids: list[str] = []
     entries: list[Entry] = []
+    absent_masks: list[Path] = []
     for image_id in ids:
         try:
             resolve_under(root, image_id, "id")
@@ -465,6 +489,8 @@ def build_folder(config: Config, base_dir: Path | None, strict: bool, kind: str 
             if not mask.is_file():
                 if require_masks:
                     found.append(DataError(mask, f"mask does not exist{listed_in}"))
+                else:
+                    absent_masks.append(mask)
                 mask = None
         depth = None
         if depths is not None:
@@ -498,6 +524,7 @@ def build_folder(config: Config, base_dir: Path | None, strict: bool, kind: str 
         mask_table=table,
         mask_rule=rule,
         depth_scale=config.depth_scale if config.depth_scale is not None else 1.0,
+        absent_masks=absent_masks,
     )
     return finish(dataset, problems, strict)
 

@@ -3,6 +3,7 @@ boundary IoU, precision and recall. The maths lives in the small pure modules be
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Sequence
 
@@ -18,10 +19,27 @@ CONVENTIONS = {
     "miou": "J = mean over classes (background included) of TP / (TP + FP + FN), counts summed over all images",
     "contour_f": "DAVIS boundary F per class with tolerance ceil(0.008 x diagonal), matched and total "
     "boundary pixels summed over all images, mean over foreground classes; void counts as background",
+    "contour_f_without_background": "DAVIS boundary F per class with tolerance ceil(0.008 x diagonal), matched and "
+    "total boundary pixels summed over all images, mean over all classes (no background class); void belongs to "
+    "no class",
     "jf": "(J + F) / 2",
     "boundary_iou": "Cheng et al. 2021, inner band of width max(1, round(0.02 x diagonal)), "
     "intersections and unions summed over images, mean over classes",
 }
+
+
+def conventions(background_name: str | None) -> dict:
+    """The conventions text of a summary; the F line says how background was treated."""
+    texts = {k: v for k, v in CONVENTIONS.items() if k != "contour_f_without_background"}
+    if background_name is None:
+        texts["contour_f"] = CONVENTIONS["contour_f_without_background"]
+    return texts
+
+
+def metrics_json(summary: dict) -> str:
+    """A summary as the JSON files hold it: keys in the summary's own order, so per-class
+    values read in class order (sorting would put them alphabetically)."""
+    return json.dumps(summary, indent=2) + "\n"
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -110,5 +128,7 @@ class SegEvaluator:
             "per_class_precision": by_name(precision),
             "per_class_recall": by_name(recall),
             "num_images": self.num_images,
-            "conventions": CONVENTIONS,
+            # The class left out of the mean F, by name (null: none; every class counts).
+            "background_class": None if self.background_index is None else self.class_names[self.background_index],
+            "conventions": conventions(None if self.background_index is None else self.class_names[self.background_index]),
         }

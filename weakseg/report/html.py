@@ -28,7 +28,7 @@ from weakseg.data import build_dataset
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_label_map, voc_palette, write_text_atomic
 from weakseg.errors import DataError, WeaksegError
-from weakseg.steps import STEP_NAMES
+from weakseg.steps import STAGE_OF_STEP, STEP_NAMES
 from weakseg.labels import IGNORE
 from weakseg.report.overlays import blend, colorize_labels, heatmap
 from weakseg.report.plots import ScatterPoint, iou_bars_svg, is_missing, jf_scatter_svg, percent
@@ -92,14 +92,40 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _results_from_step_folders(step_dirs: list[Path]) -> dict:
+    """results.json's stages and seconds, rebuilt from the done.json of finished step folders."""
+    stages, seconds = {}, {}
+    for folder in step_dirs:
+        done = _read_json(folder / "done.json")
+        result = done.get("result") if isinstance(done.get("result"), dict) else {}
+        if isinstance(done.get("seconds"), (int, float)):
+            seconds[folder.name] = done["seconds"]
+        stage = STAGE_OF_STEP.get(folder.name)
+        metrics = {key: result[key] for key, _ in METRICS if key in result}
+        if stage is not None and metrics:
+            stages[stage] = metrics
+    return {"stages": {s: stages[s] for s in STAGES if s in stages}, "seconds": seconds}
+
+
 def load_run(path: str | Path, name: str | None = None) -> Run:
-    """Read what a run folder has. Only results.json is required: it is what marks a folder
-    as a run; everything else is optional and its absence becomes a note in the report."""
+    """Read what a folder of weakseg outputs has: a run folder (results.json, or only the
+    step folders that the single-step commands wrote), or one step folder (RUN/infer_cam).
+    Everything beyond one finished step is optional; what is absent becomes a note."""
     path = Path(path)
     results_path = path / "results.json"
-    if not results_path.is_file():
-        raise DataError(path, "not a weakseg run folder (no results.json)")
-    run = Run(path=path, name=name or path.name, results=_read_json(results_path))
+    if results_path.is_file():
+        run = Run(path=path, name=name or path.name, results=_read_json(results_path))
+    else:
+        if (path / "done.json").is_file() and path.name in STEP_NAMES:
+            step_dirs, root = [path], path.parent  # one step folder; the run is its parent
+        else:
+            step_dirs, root = [path / s for s in STEP_NAMES if (path / s / "done.json").is_file()], path
+        if not step_dirs:
+            raise DataError(path, "no weakseg outputs here: neither results.json nor a finished step folder "
+                                  f"({', '.join(STEP_NAMES)}, each with done.json)")
+        run = Run(path=root, name=name or path.name, results=_results_from_step_folders(step_dirs))
+        run.notes.append(f"no results.json: read from the finished step folder(s) {', '.join(d.name for d in step_dirs)}")
+        path = root
     metrics_path = path / "evaluate" / "metrics.json"
     if metrics_path.is_file():
         run.final_metrics = _read_json(metrics_path)
@@ -318,11 +344,41 @@ def _legend(dataset: SegDataset) -> str:
     return f"<p class='legend'>{''.join(items)}</p>"
 
 
-def _overlay_rows(run: Run, max_images: int) -> str:
+# How many images the default overlay choice looks at for classes not shown yet.
+OVERLAY_SCAN = 100
+
+
+def overlay_indices(dataset: SegDataset, max_images: int, ids: Sequence[str] | None = None) -> list[int]:
+    """Which images the overlays show: the given ids (in that order), or else up to
+    `max_images` images that together cover as many classes as possible: in dataset order,
+    an image is taken when it has a class no image taken so far has (among the first
+    OVERLAY_SCAN images), and the rest are filled in dataset order."""
+    if ids:
+        where = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
+        unknown = [i for i in ids if i not in where]
+        if unknown:
+            raise WeaksegError(f"--ids: {', '.join(map(repr, unknown))} not in {dataset.name}")
+        return [where[i] for i in ids]
+    chosen: list[int] = []
+    shown: set[int] = set()
+    for index in range(min(OVERLAY_SCAN, len(dataset))):
+        if len(chosen) == max_images:
+            break
+        classes = set(dataset[index].present_class_ids)
+        if classes - shown:
+            chosen.append(index)
+            shown |= classes
+    rest = (i for i in range(len(dataset)) if i not in chosen)
+    while len(chosen) < min(max_images, len(dataset)):
+        chosen.append(next(rest))
+    return chosen
+
+
+def _overlay_rows(run: Run, max_images: int, ids: Sequence[str] | None = None) -> str:
     dataset = run.dataset
     assert dataset is not None
     rows = ["<tr><th>id</th>" + "".join(f"<th>{escape(c)}</th>" for c in OVERLAY_COLUMNS) + "</tr>"]
-    for index in range(min(max_images, len(dataset))):
+    for index in overlay_indices(dataset, max_images, ids):
         sample = dataset[index]
         sid = sample.id
         thumb = _resize_image(sample.image, _thumb_size(sample.image.shape))
@@ -345,9 +401,12 @@ def _overlay_rows(run: Run, max_images: int) -> str:
     return f"<table class='overlays' data-run=\"{escape(run.name)}\">{''.join(rows)}</table>"
 
 
-def _overlays(runs: Sequence[Run], max_images: int) -> str:
+def _overlays(runs: Sequence[Run], max_images: int, ids: Sequence[str] | None = None) -> str:
+    chosen = ("The images asked for (--ids)." if ids else
+              f"Up to {max_images} image{'' if max_images == 1 else 's'} of each run's dataset, chosen in dataset order to "
+              "show as many classes as possible (--ids chooses them).")
     parts = ["<section id='overlays'><h2>Overlays</h2>"
-             f"<p>The first {max_images} image{'' if max_images == 1 else 's'} of each run's dataset. CAM: the strongest CAM of the "
+             f"<p>{chosen} CAM: the strongest CAM of the "
              "image's classes, blue (0) to red (1). Label maps are blended over the image in the "
              "VOC colours.</p>"]
     for run in runs:
@@ -356,12 +415,12 @@ def _overlays(runs: Sequence[Run], max_images: int) -> str:
             parts.append("<p class='note'>no dataset, no overlays (see the note above)</p>")
             continue
         parts.append(_legend(run.dataset))
-        parts.append(_overlay_rows(run, max_images))
+        parts.append(_overlay_rows(run, max_images, ids))
     parts.append("</section>")
     return "".join(parts)
 
 
-def render_report(runs: Sequence[Run], max_images: int = 6) -> str:
+def render_report(runs: Sequence[Run], max_images: int = 6, ids: Sequence[str] | None = None) -> str:
     """The whole page as a string."""
     run_list = "".join(
         f"<li><b>{escape(run.name)}</b> <span class='path'>{escape(str(run.path.resolve()))}</span>"
@@ -376,7 +435,7 @@ def render_report(runs: Sequence[Run], max_images: int = 6) -> str:
         + _scatter(runs)
         + _per_class(runs)
         + _seconds_table(runs)
-        + (_overlays(runs, max_images) if max_images > 0 else "")
+        + (_overlays(runs, max_images, ids) if max_images > 0 or ids else "")
     )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -385,10 +444,12 @@ def render_report(runs: Sequence[Run], max_images: int = 6) -> str:
     )
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path, max_images: int = 6) -> Path:
-    """Write the HTML report of `run_dirs` to `out` (atomically) and return `out`.
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, max_images: int = 6,
+                 ids: Sequence[str] | None = None) -> Path:
+    """Write the HTML report of `run_dirs` to `out` (atomically) and return `out`. Each is a
+    folder of weakseg outputs (see `load_run`); `ids` chooses the overlay images.
 
-    Raises DataError for a folder without results.json, before anything is written."""
+    Raises DataError for a folder with no weakseg outputs, before anything is written."""
     paths = [Path(p) for p in run_dirs]
     if not paths:
         raise WeaksegError("weakseg report: give at least one run folder")
@@ -396,5 +457,5 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, max_images: in
         raise WeaksegError(f"--max-images must be 0 or more, got {max_images}")
     runs = [load_run(path, name) for path, name in zip(paths, _display_names(paths))]
     out = Path(out)
-    write_text_atomic(out, render_report(runs, int(max_images)))
+    write_text_atomic(out, render_report(runs, int(max_images), ids))
     return out

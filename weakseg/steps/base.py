@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal
 
 from weakseg.config import to_dict
 from weakseg.data.io import write_text_atomic
-from weakseg.errors import ConfigError
+from weakseg.errors import ConfigError, WeaksegError
 from weakseg.record import run_record
 
 Progress = Callable[[int, int], None]
@@ -163,7 +163,16 @@ def execute(step: Step, config: Any, dataset: Any, run_dir: Path, digest: str, c
     started = time.perf_counter()
     record_config = {"step": step.name, step.name: to_dict(config), "hash": digest}
     with run_record(folder.folder, step.name, record_config) as record:
-        result = step.run(config, dataset, run_dir, progress)
+        try:
+            result = step.run(config, dataset, run_dir, progress)
+        except WeaksegError as exc:
+            # Its folder keeps what was written, marked started and not done: no later step
+            # reads it, and the same command starts it again (training from its checkpoint).
+            # (__notes__ as Python 3.11's add_note keeps them; set by hand for 3.10.)
+            exc.__notes__ = [*getattr(exc, "__notes__", []),
+                             f"{folder.folder} is left incomplete (started, not finished); fix the problem and run "
+                             "the same command again: the step runs again (a training step resumes from its last epoch)"]
+            raise
         record["result"] = result
     if main:
         folder.finish(result, time.perf_counter() - started)

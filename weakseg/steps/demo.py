@@ -15,7 +15,6 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from weakseg.data import synthetic
 from weakseg.data.io import write_label_png, write_rgb_png, write_text_atomic
 from weakseg.data.tensor import rgb_batch
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
-from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.metrics.evaluator import SegEvaluator, metrics_json
 from weakseg.models.inference import infer_cams
 from weakseg.models.methods.cam import CAMNet
 from weakseg.progress import console, progress_bar
@@ -136,7 +135,7 @@ def run(out_dir: str | Path, quick: bool = False, seed: int = 0, show_progress: 
     results["train_loss"] = history
     results["config"] = to_dict(config)
     results["quick"] = quick
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "results.json", metrics_json(results))
     console.print(
         f"demo: J={results['miou']:.4f}  F={results['contour_f']:.4f}  J&F={results['jf']:.4f}  "
         f"boundary IoU={results['boundary_iou']:.4f}  threshold={threshold:.2f}  "

@@ -16,7 +16,6 @@ scored in parallel processes (integer counts, summed: the same numbers as one pr
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 from weakseg.data.io import read_label_map, write_text_atomic
 from weakseg.errors import ConfigError, DataError, DatasetProblems
-from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.metrics.evaluator import SegEvaluator, metrics_json
 from weakseg.steps.base import Step
 
 NAME = "evaluate"
@@ -132,13 +131,20 @@ def run(
     gt_dir: str | Path,
     classes_file: str | Path | None = None,
     json_path: str | Path | None = None,
-    background: bool = True,
+    background: bool | int | None = True,
     on_image: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    class_names: list[str] | None = None,
+    background_source: str | None = None,
 ) -> dict:
     """Metrics of every (prediction, ground truth) pair. Files are read and scored in
     `workers` processes (default: one per core), each summing the integer counts of its
-    share of the images; the sums, and so every metric, are those of one process."""
+    share of the images; the sums, and so every metric, are those of one process.
+
+    Classes: `class_names` (e.g. a dataset's), else `classes_file`, else class_0..class_N for
+    the largest id seen. `background`: True = class 0, an int = that class, False/None = no
+    background class (every class counts in F, void belongs to none). `background_source`
+    (how that setting was chosen) is stored in the summary beside `background_class`."""
     pairs = pair_files(Path(pred_dir), Path(gt_dir))
     workers = default_workers() if workers is None else max(1, int(workers))
     # Chunks small enough to balance the load and report progress, large enough to be cheap.
@@ -151,7 +157,9 @@ def run(
         if on_image is not None:
             on_image(done[0], len(pairs))
 
-    if classes_file is not None:
+    if class_names is not None:
+        class_names = list(class_names)
+    elif classes_file is not None:
         class_names = read_class_names(classes_file)
     else:
         found = _map_chunks(_largest_ids, [(chunk,) for chunk in chunks], workers)
@@ -161,7 +169,12 @@ def run(
         top = max(t for t, _ in found)
         class_names = [f"class_{k}" for k in range(top + 1)]
 
-    background_index = 0 if background else None
+    if isinstance(background, bool) or background is None:
+        background_index = 0 if background else None
+    else:
+        background_index = int(background)
+        if not 0 <= background_index < len(class_names):
+            raise ConfigError(f"background: class {background_index} is not one of the {len(class_names)} classes")
     results = _map_chunks(_count_chunk, [(chunk, class_names, background_index) for chunk in chunks], workers,
                           progress)
     problems = [p for _, chunk_problems, _ in results for p in chunk_problems]
@@ -172,8 +185,10 @@ def run(
         for name in SegEvaluator.COUNTS:
             setattr(evaluator, name, getattr(evaluator, name) + counts[name])
     summary = evaluator.summary()
+    if background_source is not None:
+        summary["background_source"] = background_source
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(json_path, metrics_json(summary))
     return summary
 
 
@@ -204,7 +219,7 @@ def evaluate_dataset(pred_dir: str | Path, dataset, out_dir: str | Path, on_imag
             on_image(i + 1, len(dataset))
     summary = evaluator.summary()
     summary["num_images"] = len(dataset)
-    write_text_atomic(Path(out_dir) / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(out_dir) / "metrics.json", metrics_json(summary))
     return {"num_images": len(dataset), **evaluator.headline()}
 
 

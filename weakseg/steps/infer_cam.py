@@ -19,7 +19,6 @@ unset).
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -31,7 +30,7 @@ from weakseg.data.io import atomic_path, write_label_png, write_text_atomic
 from weakseg.data.tensor import rgb_batch
 from weakseg.errors import DataError
 from weakseg.metrics.cam_sweep import ThresholdSweep, cam_to_label
-from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.metrics.evaluator import SegEvaluator, metrics_json
 from weakseg.models.fold import inference_copy
 from weakseg.models.inference import infer_cams_and_probs
 from weakseg.steps.base import Step
@@ -139,7 +138,7 @@ def infer_cams(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path,
         if sweep is not None:
             summary["threshold_sweep"] = {f"{t:.2f}": float(j) for t, j in zip(sweep.thresholds, sweep.mious())}
         if distributed.is_main():
-            write_text_atomic(out / "cam_metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(out / "cam_metrics.json", metrics_json(summary))
         result.update({k: summary[k] for k in ("miou", "contour_f", "jf", "boundary_iou", "best_threshold")})
     distributed.barrier()
     return result

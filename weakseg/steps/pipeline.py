@@ -24,7 +24,6 @@ checkpoint). `--from STEP` re-runs STEP and what follows.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +38,7 @@ from weakseg.record import folder_lock, run_record
 from weakseg.steps import evaluate, infer_cam, predict, pseudo_labels, refine, train_affinity, train_cam, train_seg
 from weakseg.steps.base import Step, StepFolder, execute, step_hashes
 from weakseg.train import distributed
+from weakseg.metrics.evaluator import metrics_json
 
 STEPS: tuple[Step, ...] = (train_cam.STEP, infer_cam.STEP, train_affinity.STEP, refine.STEP, pseudo_labels.STEP,
                            train_seg.STEP, predict.STEP, evaluate.STEP)
@@ -179,7 +179,7 @@ def run(
     with the same config; returns (and writes) results.json."""
     config, base_dir = load_config(config_path, overrides)
     steps = _check_range(config, from_step, to_step)
-    run_dir = Path(config.out)
+    run_dir = Path(config.out).absolute()  # `out` is relative to the current folder (docs/pipeline.md)
     saved = _saved(config, base_dir)
     with run_record(run_dir, "run", saved, {"from_step": from_step, "to_step": to_step}) as record:
         summary, _ = _run(config, saved, base_dir, run_dir, steps, from_step, None, log, progress)
@@ -200,7 +200,7 @@ def run_step(
     config, base_dir = load_config(config_path, overrides)
     if getattr(config, name) is None:
         raise ConfigError(f"{config_path}: no `{name}:` section; add one (`{name}: {{}}` for its defaults)")
-    run_dir = Path(config.out)
+    run_dir = Path(config.out).absolute()  # `out` is relative to the current folder (docs/pipeline.md)
     saved = _saved(config, base_dir)
     hashes = hashes_of(config, saved)
     for upstream in step.reads_for(getattr(config, name)):
@@ -253,9 +253,13 @@ def _run(config: PipelineConfig, saved: dict, base_dir: Path, run_dir: Path, ste
         result = execute(step, getattr(config, step.name), datasets[step.dataset], run_dir, hashes[step.name], clear,
                          main, progress(step.name))
         results[step.name] = result if main else folder.finished()["result"]
+        absent = datasets[step.dataset].absent_masks
+        if step.stage is not None and absent and "miou" not in result:
+            log(f"{step.name}: no metrics: {len(absent)} of {len(datasets[step.dataset])} images have no mask "
+                f"(first: {absent[0]}); give every image a mask, or set require_masks: true to list them as errors")
     summary = summarize(config, run_dir, hashes)
     if main:
-        write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(run_dir / "results.json", metrics_json(summary))
     distributed.barrier()
     return summary, results
 

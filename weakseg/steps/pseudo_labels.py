@@ -16,7 +16,6 @@ Writes:  RUN/pseudo_labels/labels/<id>.png  palette PNGs: argmax class, 255 wher
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_arrays, write_label_png, write_text_atomic
 from weakseg.labels import IGNORE
-from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.metrics.evaluator import SegEvaluator, metrics_json
 from weakseg.steps.base import Step
 from weakseg.train import distributed
 
@@ -104,7 +103,7 @@ def make_pseudo_labels(dataset: SegDataset, probs_dir: str | Path, out_dir: str 
             }
         )
         if distributed.is_main():
-            write_text_atomic(out / "pseudo_label_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(out / "pseudo_label_metrics.json", metrics_json(result))
     distributed.barrier()
     return result
 

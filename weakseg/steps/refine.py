@@ -19,7 +19,6 @@ dataset without a background class (NYUv2) uses its present classes normalised p
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ import numpy as np
 from weakseg.data.base import SegDataset
 from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
-from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.metrics.evaluator import SegEvaluator, metrics_json
 from weakseg.registry import available, lookup
 from weakseg.refine.base import channel_probs
 from weakseg.steps.base import Step
@@ -145,7 +144,7 @@ def refine_cams(dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, c
     result: dict = {"num_images": len(dataset), "method": config.method}
     if has_masks:
         result.update(evaluator.headline())
-        write_text_atomic(out / "refined_metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(out / "refined_metrics.json", metrics_json(result))
     return result
 
 

@@ -75,7 +75,7 @@ def run(config: TrainAffinityConfig, dataset, run_dir: Path, progress=None) -> d
     torch.manual_seed(config.train.seed)
     model = AffinityNet(config.backbone, config.dim, **config.backbone_args)
     train_affinity(model, dataset, Path(run_dir) / "infer_cam", config.train, out, radius=config.radius,
-                   alphas=config.alphas(), crf=crf, on_step=progress)
+                   alphas=config.alphas(), crf=crf, on_step=progress, on_epoch=getattr(progress, "note", None))
     if distributed.is_main():
         save_affinity_model(Path(run_dir) / AFFINITY_MODEL, model.cpu(), dataset)
     distributed.barrier()

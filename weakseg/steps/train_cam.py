@@ -39,13 +39,13 @@ class TrainCamConfig:
                               "(`seam: {}` gives SEAM's weights: er 1, ecr 1, min_pool 1)")
 
 
-def train_cam(config: TrainCamConfig, dataset, out: Path, on_step=None) -> dict:
+def train_cam(config: TrainCamConfig, dataset, out: Path, on_step=None, on_epoch=None) -> dict:
     """Train into `out`; returns the trainer's history and the model file's path."""
     out = Path(out)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, len(dataset.foreground_ids))
     history = train(model, dataset, config.loss, config.train, out, background_channel=model.background_channel,
-                    on_step=on_step)
+                    on_step=on_step, on_epoch=on_epoch)
     if distributed.is_main():  # under torchrun, one writer
         save_cam_model(out / CAM_MODEL.name, model.cpu(), config.model, dataset)
     distributed.barrier()
@@ -53,7 +53,7 @@ def train_cam(config: TrainCamConfig, dataset, out: Path, on_step=None) -> dict:
 
 
 def run(config: TrainCamConfig, dataset, run_dir: Path, progress=None) -> dict:
-    history = train_cam(config, dataset, Path(run_dir) / NAME, on_step=progress)
+    history = train_cam(config, dataset, Path(run_dir) / NAME, on_step=progress, on_epoch=getattr(progress, "note", None))
     return {"final_loss": history["epoch_losses"][-1], "epoch_losses": history["epoch_losses"],
             "steps": history["steps"]}
 

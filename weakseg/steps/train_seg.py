@@ -64,6 +64,7 @@ def train_seg(
     model_config: SegModelConfig,
     train_config: TrainConfig,
     on_step=None,
+    on_epoch=None,
 ) -> dict:
     out = Path(out_dir)
     torch.manual_seed(train_config.seed)
@@ -76,6 +77,7 @@ def train_seg(
         out,
         on_step=on_step,
         masks=label_reader(Path(labels_dir), dataset),
+        on_epoch=on_epoch,
     )
     if distributed.is_main():  # under torchrun, one writer
         save_seg_model(out / SEG_MODEL.name, model.cpu(), model_config, dataset)
@@ -85,7 +87,7 @@ def train_seg(
 
 def run(config: TrainSegConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
     history = train_seg(dataset, Path(run_dir) / "pseudo_labels", Path(run_dir) / NAME, config.model, config.train,
-                        on_step=progress)
+                        on_step=progress, on_epoch=getattr(progress, "note", None))
     return {"final_loss": history["epoch_losses"][-1], "epoch_losses": history["epoch_losses"],
             "steps": history["steps"]}
 

@@ -90,6 +90,7 @@ def train_affinity(
     alphas: tuple[float, float] = (4.0, 24.0),
     crf: ProbsRefiner | None = None,
     on_step=None,
+    on_epoch=None,
 ) -> AffinityNet:
     """Train `model` on `dataset` with affinity labels from the CAMs in `cam_dir`, by the one
     trainer (`weakseg.train.trainer.fit`) with the AffinityNet's loss term; writes
@@ -100,5 +101,5 @@ def train_affinity(
     labels = AffinityLabels(dataset, cam_dir, out_dir, alphas[0], alphas[1], crf)
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth=False, target=labels)
     fit(model, data, [AffinityTerm(radius)], config, out_dir, on_step=on_step,
-        checkpoint_extra={"model_config": model.config})
+        checkpoint_extra={"model_config": model.config}, on_epoch=on_epoch)
     return model.eval()

@@ -354,6 +354,7 @@ def train(
     background_channel: int | None = None,
     on_step=None,
     masks: Callable[[str], np.ndarray] | None = None,
+    on_epoch: Callable[[str], None] | None = None,
 ) -> dict:
     """Train `model` (outputs a dict of named maps) on `dataset`; returns {"epoch_losses": [...]}.
 
@@ -365,7 +366,16 @@ def train(
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
     target = _TargetById(masks) if masks is not None else None
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, target)
-    return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator)
+    return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator, on_epoch=on_epoch)
+
+
+def _epoch_line(epoch: int, epochs: int, total: float, terms, term_means: torch.Tensor, images: int,
+                seconds: float) -> str:
+    """'epoch 3/12: loss 0.5123 (cls 0.5000, fsl 0.0123); 41.2 images/s; ETA 2m10s'."""
+    parts = ", ".join(f"{t.name} {float(v):.4f}" for t, v in zip(terms, term_means))
+    eta = round(seconds * (epochs - epoch - 1))
+    return (f"epoch {epoch + 1}/{epochs}: loss {total:.4f} ({parts}); {images / max(seconds, 1e-9):.1f} images/s; "
+            f"ETA {eta // 60}m{eta % 60:02d}s")
 
 
 class _TargetById:
@@ -393,6 +403,7 @@ def fit(
     on_step=None,
     generator: torch.Generator | None = None,
     checkpoint_extra: dict | None = None,
+    on_epoch: Callable[[str], None] | None = None,
 ) -> dict:
     """The one training loop of weakseg: CAM methods, the AffinityNet and the segmentation
     network all come through here.
@@ -403,7 +414,8 @@ def fit(
     poly LR, autocast (`precision`), backward, optional clipping, step; the global mean of each
     term is logged to log.csv and checked for finiteness (NonFiniteLoss). After every epoch a
     checkpoint (model, optimiser, terms, RNG states, `checkpoint_extra`) is written atomically;
-    a run folder holding one resumes from it."""
+    a run folder holding one resumes from it. `on_epoch` receives one line per epoch (the
+    epoch's mean losses, images/s, ETA), for logs where no progress bar shows."""
     distributed.setup()
     main = distributed.is_main()
     out_dir = Path(out_dir)
@@ -445,6 +457,8 @@ def fit(
             sampler.epoch = epoch
             model.train()
             running, seen = 0.0, 0
+            term_sums = torch.zeros(len(terms))
+            epoch_started = time.perf_counter()
             iterator = iter(loader)
             for step_in_epoch, global_idx in enumerate(batches(epoch)):
                 started = time.perf_counter()
@@ -489,12 +503,16 @@ def fit(
                 scaler.update()
                 global_total = means[-1].item()
                 running += global_total * len(global_idx)
+                term_sums += means[:-1].detach().cpu() * len(global_idx)
                 seen += len(global_idx)
                 if logger is not None:
                     logger.log(epoch, step, lr, global_total, means[:-1].tolist())
                 if on_step is not None and main:
                     on_step(step + 1, total_steps)
             epoch_losses.append(running / max(1, seen))
+            if on_epoch is not None and main:
+                on_epoch(_epoch_line(epoch, config.epochs, epoch_losses[-1], terms, term_sums / max(1, seen), seen,
+                                     time.perf_counter() - epoch_started))
             if main:
                 save_checkpoint(
                     checkpoint_path,
