@@ -5,7 +5,9 @@ scene, and a few training steps on synthetic images."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,7 @@ from weakseg.refine.affinity import (
     pair_affinities,
     pair_labels,
     pair_offsets,
+    pair_region,
     random_walk,
     transition_matrix,
 )
@@ -53,7 +56,7 @@ def test_pair_labels_counted_by_hand():
     # a b c     0 0 1      8-neighbour pairs (radius 2): 4 horizontal, 3 vertical, 4 diagonal.
     # d e f  =  0 1 1      bg-pos: a-b a-d b-d; fg-pos: e-f c-f c-e;
     #                      neg: b-c d-e b-e a-e b-f
-    codes = pair_labels(np.array([[0, 0, 1], [0, 1, 1]], dtype=np.uint8), radius=2)
+    codes = pair_labels(np.array([[0, 0, 1], [0, 1, 1]], dtype=np.uint8), radius=2, pairs="all")
     assert codes.shape == (4, 2, 3)
     assert (codes == PAIR_BG_POS).sum() == 3
     assert (codes == PAIR_FG_POS).sum() == 3
@@ -84,7 +87,7 @@ def brute_force_pairs(label, radius):
 def test_pair_labels_equal_brute_force_with_ignored_pixels():
     label = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 255, 2, 2], [0, 0, 2, 255]], dtype=np.uint8)
     radius = 3
-    codes = pair_labels(label, radius)
+    codes = pair_labels(label, radius, pairs="all")
     ours = {}
     h, w = label.shape
     for p, (dy, dx) in enumerate(pair_offsets(radius)):
@@ -177,7 +180,7 @@ def test_loss_lower_for_features_that_agree_with_labels():
     label[2:6, 1:4] = 1
     label[4:8, 5:8] = 2
     label[0, :] = 255
-    codes = torch.from_numpy(pair_labels(label, 5))[None]
+    codes = torch.from_numpy(pair_labels(label, 5, pairs="all"))[None]
     agreeing = 10.0 * F.one_hot(torch.from_numpy(label.astype(np.int64)) % 255, 3).permute(2, 0, 1)[None].double()
     random = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     good = affinity_loss(pair_affinities(agreeing, 5), codes).item()
@@ -207,7 +210,7 @@ def brute_force_transition(f, radius, beta):
 
 def test_transition_matrix_equals_brute_force_on_4x5():
     f = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ours = transition_matrix(f, radius=3, beta=2.0).to_dense()
+    ours = transition_matrix(f, radius=3, beta=2.0, pairs="all").to_dense()
     ref = brute_force_transition(f, radius=3, beta=2.0)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(ours.sum(dim=1), torch.ones(20, dtype=torch.float64))  # row-stochastic
@@ -220,11 +223,11 @@ def test_random_walk_equals_dense_power_and_conserves():
     f = torch.rand(4, 5, 6, generator=g, dtype=torch.float64)
     scores = torch.rand(3, 5, 6, generator=g, dtype=torch.float64)
     log_t, radius, beta = 3, 3, 8.0
-    walked = random_walk(scores, f, radius, beta, log_t)
+    walked = random_walk(scores, f, radius, beta, log_t, pairs="all")
     t_dense = brute_force_transition(f, radius, beta)
     expected = torch.linalg.matrix_power(t_dense, 2**log_t) @ scores.reshape(3, -1).t()
     torch.testing.assert_close(walked.reshape(3, -1).t(), expected, rtol=1e-10, atol=1e-12)
-    constant = random_walk(torch.full((1, 5, 6), 0.7, dtype=torch.float64), f, radius, beta, log_t)
+    constant = random_walk(torch.full((1, 5, 6), 0.7, dtype=torch.float64), f, radius, beta, log_t, pairs="all")
     torch.testing.assert_close(constant, torch.full_like(constant, 0.7))
     a = t_dense * 0  # degrees of A from the unnormalised brute-force weights
     n = 30
@@ -266,7 +269,7 @@ def test_walk_spreads_the_class_over_its_region_but_not_across_the_edge():
     assert (np.argmax(probs, 0)[4:, :4] == 0).all()  # the bottom of the object starts as background
     features = torch.zeros(2, 8, 8, dtype=torch.float64)
     features[:, :, 4:] = 10.0  # identical within a region, far apart across the edge
-    walked = random_walk(torch.from_numpy(probs).double(), features, radius=5, beta=8.0, log_t=6)
+    walked = random_walk(torch.from_numpy(probs).double(), features, radius=5, beta=8.0, log_t=6, pairs="all")
     pred = walked.argmax(0).numpy()
     assert (pred[:, :4] == 1).all()  # the whole object
     assert (pred[:, 4:] == 0).all()
@@ -293,7 +296,7 @@ def test_refiner_on_two_flat_regions():
     cams[0, :16, :16] = 1.0
     cams[0, 16:, :16] = 0.2
     probs = cams_to_probs(cams, alpha=2)
-    refiner = RandomWalk(ColourFeatures())
+    refiner = RandomWalk(ColourFeatures(), pairs="all")  # an 8x8 grid: psa's pair set is empty there
     assert refiner.name == "affinity_rw"
     refined = refiner(probs, image)
     assert refined.shape == probs.shape and refined.dtype == np.float32
@@ -325,7 +328,7 @@ def eval_loss(model, dataset, label_maps, radius):
         features = model.eval()(images)
         from weakseg.data.transforms import resize_nearest
 
-        codes = np.stack([pair_labels(resize_nearest(l, *features.shape[-2:]), radius) for l in label_maps])
+        codes = np.stack([pair_labels(resize_nearest(l, *features.shape[-2:]), radius, "all") for l in label_maps])
         return affinity_loss(pair_affinities(features, radius), torch.from_numpy(codes)).item()
 
 
@@ -363,7 +366,7 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
         epochs=6, batch_size=4, optimizer="adamw", lr=0.01, device="cpu",
         augment=AugmentConfig(crop_size=None, hflip_prob=0.5),
     )
-    pairs = {"radius": 5, "alphas": (2, 4)}
+    pairs = {"radius": 5, "alphas": (2, 4), "pairs": "all"}  # an 8x8 grid: psa's pair set is empty there
     label_maps = []
     for i in range(len(dataset)):
         s = dataset[i]
@@ -452,3 +455,46 @@ def test_affinity_labels_with_the_dense_crf_follow_the_colour_edge():
     expected = np.zeros((20, 20), np.uint8)
     expected[:, 10:] = 1
     np.testing.assert_array_equal(with_crf, expected)
+
+
+# ----------------------------------------------------------------------------- psa's pair set
+
+OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+
+
+def test_psa_pair_set_counts_and_region():
+    """psa's get_indices_of_pairs: first pixels in the grid minus the bottom r-1 rows and the
+    left/right r-1 columns, each with all its 34 offsets (radius 5)."""
+    fixture = json.loads((OFFICIAL / "psa_random_walk.json").read_text())
+    codes = pair_labels(np.zeros((56, 56), np.uint8), 5)  # all background: every existing pair is bg-pos
+    assert int((codes == PAIR_BG_POS).sum()) == fixture["pairs_56x56_radius5"] == 84864
+    assert int((pair_labels(np.zeros((56, 56), np.uint8), 5, pairs="all") == PAIR_BG_POS).sum()) == 99128
+    region = pair_region(7, 12, 3)
+    expected = np.zeros((7, 12), bool)
+    expected[:5, 2:10] = True  # rows 0..h-r, columns r-1..w-r (r - 1 = 2)
+    np.testing.assert_array_equal(region, expected)
+
+
+def test_walk_equals_psa_official_walk():
+    """psa's own walk (jiwoon-ahn/psa 9493e59, run outside this repository; fixture holds its
+    output) on seeded features and CAMs, float64."""
+    fx = json.loads((OFFICIAL / "psa_random_walk.json").read_text())
+    g = torch.Generator().manual_seed(fx["seed"])
+    features = torch.rand(1, fx["d"], fx["h"], fx["w"], generator=g, dtype=torch.float64)[0]
+    cams = torch.rand(fx["k"], fx["h"], fx["w"], generator=g, dtype=torch.float64)
+    walked = random_walk(cams, features, fx["radius"], fx["beta"], fx["log_t"])
+    expected = torch.tensor(fx["walked"], dtype=torch.float64).view(fx["k"], fx["h"], fx["w"])
+    torch.testing.assert_close(walked, expected, rtol=0, atol=1e-6)
+    all_pairs = random_walk(cams, features, fx["radius"], fx["beta"], fx["log_t"], pairs="all")
+    assert (all_pairs - expected).abs().max() > 1e-3  # the pair set matters
+
+
+def test_an_empty_pair_set_is_one_clear_error():
+    from weakseg.errors import ConfigError
+    from weakseg.losses.affinity import AffinityTerm
+
+    features = torch.rand(1, 4, 8, 8)
+    batch = {"mask": torch.zeros(1, 32, 32, dtype=torch.uint8)}
+    with pytest.raises(ConfigError, match="8x8 feature grid has no pairs of the 'psa' set"):
+        AffinityTerm(5)({"features": features}, batch, None)
+    assert torch.isfinite(AffinityTerm(5, pairs="all")({"features": features}, batch, None))

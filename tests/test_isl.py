@@ -56,7 +56,10 @@ def test_isl_matches_naive_formula_value_and_gradient(variant):
     pixels = torch.randint(0, h * w, (bsz, channels, n), generator=g)
     lam = 0.3
     ours_fn, ref_fn = (binomial_isl, naive_binomial) if variant == "binomial" else (multinomial_isl, naive_multinomial)
-    ours = ours_fn(scores, labels, lam=lam, pixels=pixels)
+    # The paper's multinomial formula (K with the background); the official variant is
+    # checked against icam's own code below.
+    extra = {} if variant == "binomial" else {"variant": "paper"}
+    ours = ours_fn(scores, labels, lam=lam, pixels=pixels, **extra)
     (grad_ours,) = torch.autograd.grad(ours, scores)
     ref = ref_fn(scores, labels, pixels, lam)
     (grad_ref,) = torch.autograd.grad(ref, scores)
@@ -84,3 +87,39 @@ def test_saturated_scores_give_finite_loss_and_gradient():
         loss = fn(inp, lab, num_samples=20, generator=torch.Generator().manual_seed(0))
         (grad,) = torch.autograd.grad(loss, inp)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_multinomial_isl_equals_icam_official_code():
+    """icam's own classification loss of one branch (arvijj/icam 5f04fdc, run outside this
+    repository; the fixture holds its value and gradient) with the same pixel draws: the
+    default variant is the official code's, the paper's differs."""
+    import json
+    from pathlib import Path
+
+    fx = json.loads((Path(__file__).parent / "fixtures" / "official" / "icam_multinomial_isl.json").read_text())
+    g = torch.Generator().manual_seed(fx["seed"])
+    scores = (2 * torch.randn(fx["n"], fx["c"] + 1, fx["h"], fx["w"], generator=g, dtype=torch.float64)).requires_grad_()
+    labels = torch.tensor(fx["labels"], dtype=torch.float64)
+    ours = multinomial_isl(scores, labels, fx["num_samples"], fx["lam"], torch.Generator().manual_seed(fx["draw_seed"]))
+    ours.backward()
+    assert abs(ours.item() - fx["loss"]) < 1e-6 * fx["loss"]
+    torch.testing.assert_close(scores.grad.flatten(), torch.tensor(fx["grad_scores"], dtype=torch.float64), rtol=0, atol=1e-8)
+    paper = multinomial_isl(scores.detach(), labels, fx["num_samples"], fx["lam"],
+                            torch.Generator().manual_seed(fx["draw_seed"]), variant="paper")
+    assert abs(paper.item() - fx["loss"]) > 1e-3
+
+
+def test_official_and_paper_multinomial_agree_without_smoothing_on_all_channels():
+    """The variants differ only by the channels and the smoothing: the official form with
+    smoothing 0, given the background as one more foreground class labelled 1, is the paper's."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64)
+    labels = (torch.rand(2, 3, generator=g) < 0.5).double()
+    pixels = torch.randint(0, 25, (2, 4, 9), generator=g)
+    paper = multinomial_isl(scores, labels, lam=0.8, pixels=pixels, variant="paper")
+    # All K channels as "foreground": append a dummy channel at -inf as the excluded background.
+    padded = torch.cat([torch.full((2, 1, 5, 5), -1e4, dtype=torch.float64), scores], dim=1)
+    all_labels = torch.cat([torch.ones(2, 1, dtype=torch.float64), labels], dim=1)
+    pixels_padded = torch.cat([pixels[:, :1], pixels], dim=1)
+    official = multinomial_isl(padded, all_labels, lam=0.8, pixels=pixels_padded, variant="official", smoothing=0.0)
+    assert official.item() == pytest.approx(paper.item(), rel=1e-10)

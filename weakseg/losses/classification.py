@@ -35,6 +35,9 @@ class ClassificationConfig:
     num_samples: int | None = None  # None: 10 binomial (hfpl), 100 multinomial (icam)
     weight: float = 1.0
     reads: list[str] | None = None  # None: loss.reads
+    # isl_multinomial only: "official" = icam's public code (foreground channels only, the
+    # sampled probabilities smoothed by 1e-3); "paper" = icam eq. 7-8 (K with the background).
+    variant: Literal["official", "paper"] = "official"
 
 
 class ClassificationTerm(LossTerm):
@@ -47,6 +50,7 @@ class ClassificationTerm(LossTerm):
         self.lam = defaults[0] if config.lam is None else config.lam
         self.num_samples = defaults[1] if config.num_samples is None else config.num_samples
         self.generator = generator
+        self.variant = config.variant
 
     def value(self, scores, batch, background_channel):
         labels = batch["labels"]
@@ -54,7 +58,8 @@ class ClassificationTerm(LossTerm):
             if background_channel is None:
                 raise ConfigError("train_cam.loss.classification.kind: isl_multinomial needs train_cam.model.background_channel: true")
             return isl_lib.multinomial_isl(
-                scores, labels, self.num_samples, self.lam, self.generator, background_channel=background_channel
+                scores, labels, self.num_samples, self.lam, self.generator, background_channel=background_channel,
+                variant=self.variant,
             )
         fg = foreground_channels(scores, background_channel)
         if self.kind == "gap":

@@ -19,12 +19,23 @@ The gate input p is chosen by `gate`: "r" the max-normalised CAM ReLU(s)/max s (
 default, eq. 4), "b" sigmoid(s) (hfpl eq. 14), "s" raw scores, "a" softmax over the C+1
 channels with background (icam eq. 1). The image x is RGB in [0, 1], resized to the CAM grid.
 
-Window: pairs farther apart than `radius` (default ceil(3 sigma)) are dropped. The dropped
-share of the Gaussian weight around a pixel is about exp(-radius^2 / (2 sigma^2)) (the 2-D
-tail outside a disk: 1.1 % at 3 sigma); since |g f| <= C_present / 2 for p in [0, 1], the
-absolute truncation error per image is at most C_present / 2 times that tail.
+Window: pairs farther apart than `radius` (default ceil(4.4 sigma): 22 at sigma 5) are
+dropped; the official code sums all pairs. The dropped share of the Gaussian weight around a
+pixel is about exp(-radius^2 / (2 sigma^2)) (the 2-D tail outside a disk: 6e-5 at 4.4 sigma,
+1.1 % at 3 sigma); since |g f| <= C_present / 2 for p in [0, 1], the absolute truncation
+error per image is at most C_present / 2 times that tail. Measured at 56x56, 21 classes: the
+windowed loss is 4e-5 of its value away from all pairs at radius 22 (0.8 % at radius 15).
 `window_truncation_bound` computes the bound with the exact lattice sum, and the tests check
 that the windowed loss stays within it of the all-pairs loss.
+
+Variants (`variant`): "official" (default) is what the public hfpl and ICAM code computes
+(hfpl tool/probutils.py feature_similarity_loss and train_cam_voc.py; icam the same function):
+f(d) = tanh(mu + log((d + 1e-5) / (1 - d + 1e-5))) with d clamped to [0, 1]; the image resized
+to the CAM grid with align_corners=True; for the binomial gates a background channel
+1 - max_c p_c (of the label-masked class maps) compared with the present classes, and gate
+"r" max-normalised as hfpl's max_norm: relu(s - min s - 1e-5) / (max s - min s + 1e-5) after a
+ReLU. "paper": the text (f with d clamped to [1e-5, 1 - 1e-5], align_corners=False, present
+foreground classes only, relu(s) / (max s + 1e-5)).
 
 `feature_similarity_loss` visits each window offset once (both orders of a pair share it)
 and, with fixed mu and sigma, computes the gradient in the same pass (a custom autograd
@@ -44,22 +55,35 @@ from weakseg.losses.base import LossTerm, foreground_channels
 from weakseg.registry import register
 
 ACTIVATION_EPS = 1e-5
+Variant = Literal["official", "paper"]
 
 
-def similarity_activation(d: torch.Tensor, mu: float | torch.Tensor, eps: float = ACTIVATION_EPS) -> torch.Tensor:
-    """f(d) = tanh(mu + log(d/(1-d))) (icam eq. 12), d clamped to [eps, 1-eps] so the logit is
-    finite at d = 0 (identical colours) and d = 1."""
+def _odds_terms(d: torch.Tensor, eps: float, variant: Variant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, denominator) of the odds inside f: official (hfpl/icam code) d + eps and
+    1 - d + eps with d in [0, 1]; paper d and 1 - d with d clamped to [eps, 1 - eps]."""
+    if variant == "official":
+        d = d.clamp(0.0, 1.0)
+        return d + eps, 1.0 - d + eps
     d = d.clamp(eps, 1.0 - eps)
-    return torch.tanh(mu + torch.log(d) - torch.log1p(-d))
+    return d, 1.0 - d
 
 
-def _activation_of_distance(d: torch.Tensor, e_mu_sq: float, eps: float = ACTIVATION_EPS) -> torch.Tensor:
+def similarity_activation(d: torch.Tensor, mu: float | torch.Tensor, eps: float = ACTIVATION_EPS,
+                          variant: Variant = "official") -> torch.Tensor:
+    """f(d) = tanh(mu + log(d/(1-d))) (icam eq. 12), finite at d = 0 (identical colours) and
+    d = 1 by the variant's epsilon (see the module docstring)."""
+    top, bottom = _odds_terms(d, eps, variant)
+    return torch.tanh(mu + torch.log(top) - torch.log(bottom))
+
+
+def _activation_of_distance(d: torch.Tensor, e_mu_sq: float, eps: float = ACTIVATION_EPS,
+                            variant: Variant = "official") -> torch.Tensor:
     """similarity_activation without transcendentals, for the fixed-mu hot loop: with
-    x = e^mu d/(1-d), tanh(log x) = (x^2 - 1)/(x^2 + 1) = (e^{2mu} d^2 - (1-d)^2)/(e^{2mu} d^2 + (1-d)^2).
-    Same clamp of d; equal to similarity_activation up to rounding (tested)."""
-    d = d.clamp(eps, 1.0 - eps)
-    u = d.square().mul_(e_mu_sq)
-    v = (1.0 - d).square_()
+    x = e^mu a/b (a, b the odds terms), tanh(log x) = (x^2 - 1)/(x^2 + 1) = (e^{2mu} a^2 - b^2)/(e^{2mu} a^2 + b^2).
+    Equal to similarity_activation up to rounding (tested)."""
+    top, bottom = _odds_terms(d, eps, variant)
+    u = top.square().mul_(e_mu_sq)
+    v = bottom.square()
     return (u - v).div_(u.add_(v))
 
 
@@ -74,7 +98,8 @@ def colour_distance(x_a: torch.Tensor, x_b: torch.Tensor, metric: Literal["l1", 
 
 
 def default_radius(sigma: float) -> int:
-    return int(math.ceil(3.0 * float(sigma)))
+    """ceil(4.4 sigma): the Gaussian tail left out is exp(-4.4^2 / 2) = 6e-5 of the weight."""
+    return int(math.ceil(4.4 * float(sigma)))
 
 
 def window_truncation_bound(sigma: float, radius: int, num_present: int) -> float:
@@ -125,7 +150,7 @@ class _WindowedFSL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p, mask, image, mu, sigma, radius, metric):
+    def forward(ctx, p, mask, image, mu, sigma, radius, metric, variant):
         b, c, h, w = p.shape
         rows = mask.detach().nonzero(as_tuple=False)  # (N, 2): (image, class) pairs that count
         n = rows.shape[0]
@@ -139,7 +164,8 @@ class _WindowedFSL(torch.autograd.Function):
                 continue
             weight = math.exp(-(dy * dy + dx * dx) / (2.0 * sigma * sigma)) / (2.0 * math.pi * sigma * sigma)
             ra, ca, rb, cb = _pair_slices(dy, dx, h, w)
-            a = weight * _activation_of_distance(colour_distance(image[:, :, ra, ca], image[:, :, rb, cb], metric), e_mu_sq)
+            distance = colour_distance(image[:, :, ra, ca], image[:, :, rb, cb], metric)
+            a = weight * _activation_of_distance(distance, e_mu_sq, variant=variant)
             a_rows = a.index_select(0, image_of_row)
             a_q[:, ra, ca].addcmul_(a_rows, q[:, rb, cb])
             a_q[:, rb, cb].addcmul_(a_rows, q[:, ra, ca])
@@ -155,10 +181,10 @@ class _WindowedFSL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None, None, None, None
+        return grad_output * grad, None, None, None, None, None, None, None
 
 
-def _windowed_autograd(p, mask, image, mu, sigma, radius, metric):
+def _windowed_autograd(p, mask, image, mu, sigma, radius, metric, variant):
     """The same sum through plain autograd: used when mu or sigma are learnable tensors."""
     b, c, h, w = p.shape
     m = mask.view(b, c, 1, 1).to(p.dtype)
@@ -170,7 +196,7 @@ def _windowed_autograd(p, mask, image, mu, sigma, radius, metric):
             2.0 * math.pi * sigma**2
         )
         ra, ca, rb, cb = _pair_slices(dy, dx, h, w)
-        f = similarity_activation(colour_distance(image[:, :, ra, ca], image[:, :, rb, cb], metric), mu)
+        f = similarity_activation(colour_distance(image[:, :, ra, ca], image[:, :, rb, cb], metric), mu, variant=variant)
         diff = (p[:, :, ra, ca] - p[:, :, rb, cb]) * m
         total = total - weight * (f.unsqueeze(1) * diff * diff).sum()  # 2 (orders) x 1/2 (g)
     return total / (b * h * w)
@@ -184,6 +210,7 @@ def feature_similarity_loss(
     sigma: float | torch.Tensor = 5.0,
     radius: int | None = None,
     metric: Literal["l1", "l2"] = "l1",
+    variant: Variant = "official",
 ) -> torch.Tensor:
     """Windowed FSL. p: (B, C, h, w) gate input; image: (B, 3, h, w) RGB in [0, 1] on the
     same grid (no gradient); mask: (B, C) nonzero for classes that count (default all)."""
@@ -202,9 +229,9 @@ def feature_similarity_loss(
     if radius is None:
         radius = default_radius(sigma_value)
     if learnable:
-        return _windowed_autograd(p, mask, image, mu, sigma, radius, metric)
+        return _windowed_autograd(p, mask, image, mu, sigma, radius, metric, variant)
     mu_value = float(mu.detach()) if isinstance(mu, torch.Tensor) else float(mu)
-    return _WindowedFSL.apply(p, mask.detach(), image, mu_value, sigma_value, radius, metric)
+    return _WindowedFSL.apply(p, mask.detach(), image, mu_value, sigma_value, radius, metric, variant)
 
 
 def feature_similarity_loss_all_pairs(
@@ -214,6 +241,7 @@ def feature_similarity_loss_all_pairs(
     mu: float = 2.5,
     sigma: float = 5.0,
     metric: Literal["l1", "l2"] = "l1",
+    variant: Variant = "official",
 ) -> torch.Tensor:
     """The literal all-pairs formula with (HW x HW) matrices: the reference the windowed
     version is benchmarked against (memory O(B C (HW)^2))."""
@@ -225,7 +253,7 @@ def feature_similarity_loss_all_pairs(
     weights = torch.exp(-dist2 / (2 * sigma**2)) / (2 * math.pi * sigma**2)
     x = image.detach().to(p.dtype).flatten(2).transpose(1, 2)  # (B, HW, 3)
     d = torch.cdist(x, x, p=1.0 if metric == "l1" else 2.0) / 3.0
-    f = similarity_activation(d, mu)
+    f = similarity_activation(d, mu, variant=variant)
     q = (p * mask.view(b, c, 1, 1)).flatten(2)  # (B, C, HW)
     g = 0.5 * (q.unsqueeze(-1) - q.unsqueeze(-2)).pow(2).sum(dim=1)  # (B, HW, HW)
     return -(weights * f * g).sum() / (b * h * w)
@@ -234,9 +262,22 @@ def feature_similarity_loss_all_pairs(
 GateInput = Literal["r", "b", "s", "a"]
 
 
-def gate_input(scores: torch.Tensor, gate: GateInput, background_channel: int | None = None) -> torch.Tensor:
-    """The prediction FSL compares between pixels (hfpl §4.3; icam eq. 1 for "a")."""
+def hfpl_max_norm(scores: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """hfpl's max_norm (tool/visualization.py): after a ReLU, relu(p - min - eps) / (max - min + eps)
+    per image and channel, so each map spans [0, 1) whatever its floor."""
+    pos = F.relu(scores)
+    flat = pos.flatten(2)
+    low, high = flat.amin(dim=2)[..., None, None], flat.amax(dim=2)[..., None, None]
+    return F.relu(pos - low - eps) / (high - low + eps)
+
+
+def gate_input(scores: torch.Tensor, gate: GateInput, background_channel: int | None = None,
+               variant: Variant = "paper") -> torch.Tensor:
+    """The prediction FSL compares between pixels (hfpl §4.3; icam eq. 1 for "a"); gate "r"
+    with the official variant is hfpl's max_norm."""
     if gate == "r":
+        if variant == "official":
+            return hfpl_max_norm(scores)
         pos = F.relu(scores)
         return pos / (pos.flatten(2).amax(dim=2)[..., None, None] + 1e-5)
     if gate == "b":
@@ -258,10 +299,13 @@ class FSLConfig:
     mu: float = 2.5
     sigma: float = 5.0
     metric: Literal["l1", "l2"] = "l1"
-    radius: int | None = None
+    radius: int | None = None  # None: ceil(4.4 sigma) (weakseg.losses.fsl.default_radius)
     upsample: int = 1
     learnable: bool = False
     reads: list[str] | None = None  # None: loss.reads
+    # "official": the public hfpl/ICAM code (background channel, hfpl's max_norm, epsilon,
+    # align_corners); "paper": the text. See the module docstring and docs/fidelity.md.
+    variant: Literal["official", "paper"] = "official"
 
 
 class FSLTerm(LossTerm):
@@ -280,14 +324,21 @@ class FSLTerm(LossTerm):
         cfg = self.config
         if cfg.upsample > 1:
             scores = F.interpolate(scores, scale_factor=cfg.upsample, mode="bilinear", align_corners=False)
+        official = cfg.variant == "official"
         if cfg.gate == "a":
             p = gate_input(scores, "a", background_channel)
             mask = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device)  # icam: every channel
         else:
-            p = gate_input(foreground_channels(scores, background_channel), cfg.gate)
+            p = gate_input(foreground_channels(scores, background_channel), cfg.gate, variant=cfg.variant)
             mask = batch["labels"].to(p.dtype)  # hfpl §4.3: only present classes
-        rgb = F.interpolate(batch["rgb"], size=p.shape[2:], mode="bilinear", align_corners=False)
-        return feature_similarity_loss(p, rgb, mask, self.mu, self.sigma, cfg.radius, cfg.metric)
+            if official and cfg.gate in ("r", "b"):
+                # hfpl train_cam_voc.py: the label-masked maps plus a background channel
+                # 1 - max_c of them, which always counts.
+                p = p * mask[:, :, None, None]
+                p = torch.cat([1.0 - p.amax(dim=1, keepdim=True), p], dim=1)
+                mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        rgb = F.interpolate(batch["rgb"], size=p.shape[2:], mode="bilinear", align_corners=official)
+        return feature_similarity_loss(p, rgb, mask, self.mu, self.sigma, cfg.radius, cfg.metric, cfg.variant)
 
 
 @register("loss_term", "fsl")

@@ -14,9 +14,19 @@ prediction is sigmoid(mean_ij s_k) (icam eq. 2-3, hfpl eq. 17). The pixel draws 
 differentiated; the gradient flows through the activation read at the drawn pixel.
 All log-probabilities are computed from the scores in log space, so probabilities of
 exactly 0 or 1 (saturated scores) give finite losses and gradients.
+
+Multinomial variants (`variant`): "official" (default) is what icam's public code computes
+(arvijj/icam train_cam.py with tool/probutils.py): both the GAP term and the sampled term
+on the foreground channels only (the pixels are drawn on all K channels, the background
+draws unused), and the sampled probabilities smoothed, a' = (a (1 - 1e-3) + 1e-3) / (1 + 1e-3)
+(the sigmoid of its `probs_to_logits(a, eps=1e-3)`). "paper": icam eq. 7-8 as written, K
+including the background (label 1 in every image), unsmoothed. With eps = 0 and all K
+channels the two agree to rounding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +67,12 @@ def binomial_isl(
     pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hfpl eq. 14-18. scores: (B, C, H, W) foreground class scores; labels: (B, C) multi-hot.
-    `pixels` (B, C, N) fixes the draws (tests); otherwise they are sampled from b."""
+    `pixels` (B, C, N) fixes the draws (tests); otherwise they are sampled from b + 1e-5, as
+    hfpl's train_cam_voc.py weighs them (so a map of saturated negatives is drawn from, not
+    refused; the draws change by at most 1e-5 of weight per pixel)."""
     b_post = torch.sigmoid(scores)
     if pixels is None:
-        pixels = sample_pixels(b_post, num_samples, generator)
+        pixels = sample_pixels(b_post + 1e-5, num_samples, generator)
     picked = scores.flatten(2).gather(2, pixels)  # (B, C, N) scores at the drawn pixels
     y = labels.unsqueeze(-1).expand_as(picked)
     sampled = _bce_from_logs(y, F.logsigmoid(picked), F.logsigmoid(-picked))
@@ -75,10 +87,13 @@ def multinomial_isl(
     generator: torch.Generator | None = None,
     pixels: torch.Tensor | None = None,
     background_channel: int = 0,
+    variant: str = "official",
+    smoothing: float = 1e-3,
 ) -> torch.Tensor:
     """icam eq. 1-8. scores: (B, K, H, W) with K = C + 1 channels, background at
     `background_channel`; labels: (B, C) multi-hot over the foreground classes (the
-    background label is 1 in every image). `pixels` (B, K, N) fixes the draws (tests)."""
+    background label is 1 in every image). `pixels` (B, K, N) fixes the draws (tests).
+    `variant`/`smoothing`: see the module docstring."""
     bsz, k, _, _ = scores.shape
     fg = [c for c in range(k) if c != background_channel]
     full_labels = torch.ones(bsz, k, dtype=scores.dtype, device=scores.device)
@@ -86,6 +101,16 @@ def multinomial_isl(
     log_a = F.log_softmax(scores, dim=1)  # eq. 1 in log space
     if pixels is None:
         pixels = sample_pixels(log_a.exp(), num_samples, generator)
+    if variant == "official":
+        y = labels.to(scores.dtype)
+        a = log_a.exp()[:, fg].flatten(2).gather(2, pixels[:, fg])  # (B, C, N): a_k at k's draws
+        keep = 1.0 - smoothing
+        log_p = torch.log(a * keep + smoothing) - math.log1p(smoothing)
+        log_not_p = torch.log1p(-a * keep) - math.log1p(smoothing)
+        sampled = _bce_from_logs(y.unsqueeze(-1).expand_as(a), log_p, log_not_p)
+        return (1.0 - lam) * gap_bce(scores[:, fg], y) + lam * sampled
+    if variant != "paper":
+        raise ValueError(f"multinomial ISL variant must be 'official' or 'paper', got {variant!r}")
     n = pixels.shape[-1]
     flat_scores = scores.flatten(2)  # (B, K, HW)
     # log(1 - a_k) = logsumexp_{t != k} s_t - logsumexp_t s_t: finite even when a_k -> 1.

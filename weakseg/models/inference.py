@@ -12,6 +12,16 @@ Conventions (per method):
   best threshold under ReLU sits at 0 (see docs/results.md).
 Only the classes asked for (those present in the image) are returned.
 
+The order of ReLU, upsampling and normalisation for `activation="relu"` (`order`) differs
+between the official codes; "irn" and "seam" reproduce them:
+- "irn" (IRN's make_cam.py, the plain CAM's reference): ReLU on each pass's score grid, then
+  bilinear upsampling to H x W, summed; each class divided by its maximum + 1e-5.
+- "seam" (SEAM's and hfpl's infer_cam: the network's raw scores, upsampled): raw scores
+  upsampled and summed over the passes; then negatives set to 0 and min-max normalised,
+  relu(x - min - 1e-5) / (max - min + 1e-5).
+- "upsample_relu" (weakseg before issue 17): upsampling, then ReLU, per pass; max-normalised.
+`order="auto"` takes the model's `cam_order` (cam and vit_cam: irn; seam: seam).
+
 Segmentation probabilities (`predict_probs`, for the final network's {"seg"} logits): the
 same scales and flips, but the logits are upsampled to H x W *before* the softmax, the way
 `segmentation_ce` compares them with the labels in training (and as DeepLab's multi-scale
@@ -82,6 +92,7 @@ def infer_cams_and_probs(
     activation: str = "relu",
     with_probs: bool = True,
     probs_output: str | None = None,
+    order: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`infer_cams` and `infer_class_probs` of one image from the same forward passes.
     `output` is the map the CAMs come from (a method's `inference_output`, e.g. SEAM's
@@ -89,6 +100,10 @@ def infer_cams_and_probs(
     method's `score_output`; default: `output`)."""
     if activation not in ("relu", "sigmoid"):
         raise ValueError(f"CAM activation must be 'relu' or 'sigmoid', got {activation!r}")
+    if order == "auto":
+        order = getattr(model, "cam_order", "irn")
+    if order not in ("irn", "seam", "upsample_relu"):
+        raise ValueError(f"CAM order must be auto, irn, seam or upsample_relu, got {order!r}")
     _, _, h, w = image.shape
     idx = list(class_indices)
     channels = [i + 1 if background_channel == 0 else i for i in idx] if background_channel is not None else idx
@@ -105,12 +120,22 @@ def infer_cams_and_probs(
                 maps = F.interpolate(torch.softmax(scores, dim=1)[:, channels], size=(h, w), mode="bilinear", align_corners=False)
             elif activation == "sigmoid":
                 maps = torch.sigmoid(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
+            elif order == "irn":
+                maps = F.interpolate(F.relu(scores[:, channels]), size=(h, w), mode="bilinear", align_corners=False)
+            elif order == "seam":
+                maps = F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False)
             else:
                 maps = F.relu(F.interpolate(scores[:, channels], size=(h, w), mode="bilinear", align_corners=False))
             cams += _merge_flip(maps, flip)
         if probs is not None:
             probs += _merge_flip(_class_probs(outputs[probs_output or output], idx, background_channel, (h, w)), flip)
-    cams /= cams.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
+    if order == "seam" and activation == "relu" and background_channel is None:
+        cams = F.relu(cams)
+        low = cams.flatten(1).amin(dim=1).view(-1, 1, 1)
+        high = cams.flatten(1).amax(dim=1).view(-1, 1, 1)
+        cams = F.relu(cams - low - 1e-5) / (high - low + 1e-5)
+    else:
+        cams /= cams.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
     if probs is not None:
         probs /= len(scales) * (2 if flip else 1)
         probs = probs.cpu().numpy().astype(np.float32)
@@ -140,11 +165,13 @@ def infer_cams(
     background_channel: int | None = None,
     output: str = "cams",
     activation: str = "relu",
+    order: str = "auto",
 ) -> np.ndarray:
     """CAMs of one RGB image (1, 3, H, W) in 0..1 for the given label-vector indices ->
     (len(class_indices), H, W) float32 in [0, 1)."""
     return infer_cams_and_probs(
-        model, image, class_indices, scales, flip, background_channel, output, activation, with_probs=False
+        model, image, class_indices, scales, flip, background_channel, output, activation, with_probs=False,
+        order=order,
     )[0]
 
 

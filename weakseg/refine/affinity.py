@@ -16,7 +16,10 @@ Pipeline
    0 < |i - j| < radius is bg-pos (both background), fg-pos (same foreground class) or neg
    (different labels); a pair with a 255 pixel is ignored. Each unordered pair appears once
    (one-directional "half window" offsets, as psa's ``get_indices_of_pairs``); the distance is
-   strictly below the radius as in psa, so radius 5 gives psa's 34 offsets.
+   strictly below the radius as in psa, so radius 5 gives psa's 34 offsets. By default
+   (`pairs="psa"`) the pair set is psa's too: no pair starts in the bottom radius-1 rows or the
+   left/right radius-1 columns (on a 56x56 grid, 84,864 of the 99,128 in-grid pairs);
+   `pairs="all"` keeps every in-grid pair. Training and the walk use the same set.
 3. Affinity (psa eq. 3): a_ij = exp(-||f_i - f_j||_1) on the feature map f of the AffinityNet.
    The public psa/SEAM code takes the *mean* over channels, i.e. the L1 norm divided by the
    feature dimension D; we do the same, so a_ij does not shrink as D grows.
@@ -127,6 +130,27 @@ def pair_offsets(radius: int) -> list[tuple[int, int]]:
     ]
 
 
+# Which pairs (pixel i, i + offset) exist, for training labels and the walk:
+#   "psa": psa's ``get_indices_of_pairs`` (tool/pyutils.py; SEAM, ICAM and hfpl copy it): the
+#          first pixel lies in the grid minus its bottom radius-1 rows and its left and right
+#          radius-1 columns; every partner of such a pixel is on the grid. The default.
+#   "all": every pair whose two pixels are on the grid (pixels near the border get pairs too).
+PAIR_SETS = ("psa", "all")
+
+
+def pair_region(h: int, w: int, radius: int, pairs: str = "psa") -> np.ndarray:
+    """(h, w) bool: the pixels whose pairs exist as the first pixel of a pair (see PAIR_SETS)."""
+    if pairs not in PAIR_SETS:
+        raise ValueError(f"pairs must be one of {PAIR_SETS}, got {pairs!r}")
+    region = np.ones((h, w), dtype=bool)
+    if pairs == "psa":
+        r = radius - 1
+        region[:] = False
+        if h > r and w > 2 * r:
+            region[: h - r, r : w - r] = True
+    return region
+
+
 def _shifted(x, dy: int, dx: int, fill):
     """y[..., r, c] = x[..., r + dy, c + dx] where that lies inside, else `fill` (numpy or torch)."""
     h, w = x.shape[-2:]
@@ -140,14 +164,16 @@ def _shifted(x, dy: int, dx: int, fill):
     return out
 
 
-def pair_labels(label: np.ndarray, radius: int) -> np.ndarray:
+def pair_labels(label: np.ndarray, radius: int, pairs: str = "psa") -> np.ndarray:
     """(h, w) label map on the feature grid (0 bg, 1..C classes, 255 ignore) -> (P, h, w)
     uint8 codes for the pair (pixel, pixel + offset_p), offsets from `pair_offsets`:
-    PAIR_BG_POS, PAIR_FG_POS, PAIR_NEG, or PAIR_IGNORE (a 255 pixel, or partner off the grid)."""
+    PAIR_BG_POS, PAIR_FG_POS, PAIR_NEG, or PAIR_IGNORE (a 255 pixel, a partner off the grid,
+    or a pair outside the pair set `pairs`, see PAIR_SETS)."""
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"label map must be (h, w), got shape {label.shape}")
     label = label.astype(np.int64)
+    outside = ~pair_region(*label.shape, radius, pairs)
     codes = []
     for dy, dx in pair_offsets(radius):
         other = _shifted(label, dy, dx, IGNORE)
@@ -157,6 +183,7 @@ def pair_labels(label: np.ndarray, radius: int) -> np.ndarray:
         code[same & (label == 0)] = PAIR_BG_POS
         code[same & (label != 0)] = PAIR_FG_POS
         code[valid & (label != other)] = PAIR_NEG
+        code[outside] = PAIR_IGNORE
         codes.append(code)
     return np.stack(codes) if codes else np.zeros((0, *label.shape), dtype=np.uint8)
 
@@ -206,18 +233,20 @@ def affinity_loss(aff: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def transition_matrix(features: torch.Tensor, radius: int = 5, beta: float = 8.0) -> torch.Tensor:
+def transition_matrix(features: torch.Tensor, radius: int = 5, beta: float = 8.0, pairs: str = "psa") -> torch.Tensor:
     """(D, h, w) features -> sparse (N, N) row-stochastic T = D^-1 A, N = h w, pixels in
-    row-major order (psa eq. 8-9): A_ij = a_ij^beta for 0 < |i - j| < radius in both
-    directions, A_ii = 1."""
+    row-major order (psa eq. 8-9): A_ij = a_ij^beta for the pairs 0 < |i - j| < radius of the
+    pair set `pairs` (PAIR_SETS), in both directions, A_ii = 1. psa normalises the columns of
+    the symmetric A and multiplies from the left; that is this T applied from the right."""
     _, h, w = features.shape
     n = h * w
     index = torch.arange(n, device=features.device).view(h, w)
+    region = torch.from_numpy(pair_region(h, w, radius, pairs)).to(features.device)
     weights = pair_affinities(features[None], radius)[0].pow(beta)  # (P, h, w)
     rows, cols, values = [index.reshape(-1)], [index.reshape(-1)], [features.new_ones(n)]
     for p, (dy, dx) in enumerate(pair_offsets(radius)):
         partner = _shifted(index, dy, dx, -1)
-        valid = partner >= 0
+        valid = (partner >= 0) & region
         i, j, a = index[valid], partner[valid], weights[p][valid]
         rows += [i, j]
         cols += [j, i]
@@ -231,7 +260,7 @@ def transition_matrix(features: torch.Tensor, radius: int = 5, beta: float = 8.0
 
 
 def random_walk(
-    scores: torch.Tensor, features: torch.Tensor, radius: int = 5, beta: float = 8.0, log_t: int = 6
+    scores: torch.Tensor, features: torch.Tensor, radius: int = 5, beta: float = 8.0, log_t: int = 6, pairs: str = "psa"
 ) -> torch.Tensor:
     """(K, h, w) scores on the feature grid (background channel included) -> T^t applied to
     each channel, t = 2^log_t (psa eq. 10). Row-stochastic T: weighted averages, see the
@@ -239,7 +268,7 @@ def random_walk(
     if scores.shape[-2:] != features.shape[-2:]:
         raise ValueError(f"scores {tuple(scores.shape)} and features {tuple(features.shape)} differ in grid size")
     k, h, w = scores.shape
-    transition = transition_matrix(features, radius, beta).to(scores.dtype)
+    transition = transition_matrix(features, radius, beta, pairs).to(scores.dtype)
     if transition.device.type == "cpu":
         with warnings.catch_warnings():  # CSR is "beta" in torch, but 10x faster here than COO
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -324,10 +353,11 @@ class RandomWalk:
     name = "affinity_rw"
 
     def __init__(
-        self, model: nn.Module, beta: float = 8.0, log_t: int = 6, radius: int = 5, device: str | torch.device = "cpu"
+        self, model: nn.Module, beta: float = 8.0, log_t: int = 6, radius: int = 5, device: str | torch.device = "cpu",
+        pairs: str = "psa",
     ):
         self.model = model.to(device).eval()
-        self.beta, self.log_t, self.radius = beta, log_t, radius
+        self.beta, self.log_t, self.radius, self.pairs = beta, log_t, radius, pairs
         self.device = torch.device(device)
 
     def __call__(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -342,7 +372,7 @@ class RandomWalk:
         padded_size = scores.shape[-2:]
         scores = F.adaptive_avg_pool2d(scores, grid)[0]
         with torch.no_grad():
-            walked = random_walk(scores, features.to(scores.dtype), self.radius, self.beta, self.log_t)
+            walked = random_walk(scores, features.to(scores.dtype), self.radius, self.beta, self.log_t, self.pairs)
         walked = F.interpolate(walked[None], size=padded_size, mode="bilinear", align_corners=False)[0, :, :h, :w]
         walked = walked.clamp_min(0.0)
         walked = walked / walked.sum(dim=0, keepdim=True).clamp_min(1e-12)

@@ -58,6 +58,9 @@ class InferCamConfig:
     threshold: float | None = None  # background threshold when there are no masks to sweep
     # relu: the CAM convention; sigmoid: the binomial posterior (hfpl eq. 14) on the class scores.
     activation: Literal["relu", "sigmoid"] = "relu"
+    # Order of ReLU, upsampling and normalisation (weakseg.models.inference): auto = the
+    # method's official code (cam, vit_cam: IRN's; seam: SEAM's), or irn, seam, upsample_relu.
+    order: Literal["auto", "irn", "seam", "upsample_relu"] = "auto"
     # The model output read as CAMs; null: the method's inference_output (SEAM: cams_pcm;
     # `cams` reads SEAM's raw CAM).
     output: str | None = None
@@ -98,7 +101,7 @@ def infer_cams(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path,
         cams, probs = infer_cams_and_probs(
             model, image, indices, scales, flip, model.background_channel, activation=activation,
             with_probs=with_probs, output=output or getattr(model, "inference_output", "cams"),
-            probs_output=getattr(model, "score_output", "cams"),
+            probs_output=getattr(model, "score_output", "cams"), order=config.order,
         )
         cams = cams.astype(np.float16).astype(np.float32)
         class_ids = sample.present_class_ids

@@ -47,6 +47,9 @@ class WalkConfig:
     # Pairs 0 < |i - j| < radius form the transition matrix (psa's infer_aff.py: 5); the
     # walk's own key, independent of train_affinity.radius.
     radius: int = 5
+    # The pair set (weakseg.refine.affinity.PAIR_SETS): psa's (default; no pairs start in the
+    # bottom radius-1 rows or the left/right radius-1 columns) or all in-grid pairs.
+    pairs: Literal["psa", "all"] = "psa"
 
 
 @dataclass
@@ -100,7 +103,7 @@ def build_refiner(config: RefineConfig, dataset: SegDataset, run_dir: Path):
                               "confident foreground / confident background regions); use crf, pamr or spr")
         model, _ = load_affinity_model(Path(run_dir) / AFFINITY_MODEL)
         walk = config.walk
-        return RandomWalk(model, walk.beta, walk.log_t, walk.radius, device=pick_device(config.device))
+        return RandomWalk(model, walk.beta, walk.log_t, walk.radius, device=pick_device(config.device), pairs=walk.pairs)
     # RefineConfig checked the name when it was built.
     return lookup("refiner", config.method, "refine.method")(config)
 

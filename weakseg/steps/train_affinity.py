@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,6 +36,8 @@ class TrainAffinityConfig:
     alpha_low: float | None = None
     alpha_high: float | None = None
     radius: int = 5  # training pairs 0 < |i - j| < radius on the feature grid (psa: 5)
+    # The pair set (weakseg.refine.affinity.PAIR_SETS): psa's (default) or all in-grid pairs.
+    pairs: Literal["psa", "all"] = "psa"
     backbone: str = "tiny_cnn"
     backbone_args: dict[str, Any] = field(default_factory=dict)
     dim: int = 448
@@ -74,7 +76,7 @@ def run(config: TrainAffinityConfig, dataset, run_dir: Path, progress=None) -> d
         crf = DenseCRF("psa")
     torch.manual_seed(config.train.seed)
     model = AffinityNet(config.backbone, config.dim, **config.backbone_args)
-    train_affinity(model, dataset, Path(run_dir) / "infer_cam", config.train, out, radius=config.radius,
+    train_affinity(model, dataset, Path(run_dir) / "infer_cam", config.train, out, radius=config.radius, pairs=config.pairs,
                    alphas=config.alphas(), crf=crf, on_step=progress, on_epoch=getattr(progress, "note", None))
     if distributed.is_main():
         save_affinity_model(Path(run_dir) / AFFINITY_MODEL, model.cpu(), dataset)

@@ -88,6 +88,7 @@ def train_affinity(
     out_dir: str | Path,
     radius: int = 5,
     alphas: tuple[float, float] = (4.0, 24.0),
+    pairs: str = "psa",
     crf: ProbsRefiner | None = None,
     on_step=None,
     on_epoch=None,
@@ -100,6 +101,6 @@ def train_affinity(
     out_dir = Path(out_dir)
     labels = AffinityLabels(dataset, cam_dir, out_dir, alphas[0], alphas[1], crf)
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth=False, target=labels)
-    fit(model, data, [AffinityTerm(radius)], config, out_dir, on_step=on_step,
+    fit(model, data, [AffinityTerm(radius, pairs=pairs)], config, out_dir, on_step=on_step,
         checkpoint_extra={"model_config": model.config}, on_epoch=on_epoch)
     return model.eval()

@@ -19,6 +19,7 @@ from weakseg.registry import register
 class CAMNet(NormalisesInput, nn.Module):
     inference_output = "cams"  # what CAM inference reads
     score_output = "cams"  # raw class scores (logit-like): the model's probabilities
+    cam_order = "irn"  # CAM inference order of its official code (weakseg.models.inference)
 
     def __init__(self, num_classes: int, backbone: str = "tiny_cnn", background_channel: bool = False, **backbone_kwargs):
         super().__init__()

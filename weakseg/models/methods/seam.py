@@ -154,6 +154,7 @@ class SEAMNet(NormalisesInput, nn.Module):
 
     inference_output = "cams_pcm"  # what CAM inference reads (SEAM's revised CAM)
     score_output = "cams"  # raw class scores (logit-like): the model's probabilities
+    cam_order = "seam"  # CAM inference order of its official code (weakseg.models.inference)
     branch_suffix = "_scaled"
 
     def __init__(

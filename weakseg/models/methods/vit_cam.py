@@ -263,6 +263,7 @@ class ViTCAMNet(NormalisesInput, nn.Module):
     background_channel = None
     inference_output = "cams_fine"  # what CAM inference reads
     score_output = "cams"  # raw class scores (logit-like): the model's probabilities
+    cam_order = "irn"  # CAM inference order of its official code (weakseg.models.inference)
 
     def __init__(
         self,
