@@ -83,7 +83,7 @@ def test_the_training_datasets_survive_pickling_for_spawned_workers(tmp_path):
 
     from weakseg.data.io import write_label_png
     from weakseg.steps.infer_cam import save_cams
-    from weakseg.steps.train_seg import label_reader
+    from weakseg.steps.train_seg import PseudoLabelReader
     from weakseg.train.affinity import AffinityLabels
 
     dataset = build_dataset(DATA)
@@ -93,7 +93,7 @@ def test_the_training_datasets_survive_pickling_for_spawned_workers(tmp_path):
         cams = np.stack([(sample.mask == c).astype(np.float32) for c in sample.present_class_ids])
         save_cams(tmp_path / "infer_cam" / "cams" / f"{sample.id}.npz", cams, sample.present_class_ids)
     augment = small_config().augment
-    seg = trainer.AugmentedDataset(dataset, augment, 0, False, trainer._TargetById(label_reader(tmp_path, dataset)))
+    seg = trainer.AugmentedDataset(dataset, augment, 0, False, trainer._TargetById(PseudoLabelReader(tmp_path, dataset)))
     affinity = trainer.AugmentedDataset(dataset, augment, 0, False,
                                         AffinityLabels(dataset, tmp_path / "infer_cam", tmp_path / "aff", 4.0, 24.0))
     for data in (seg, affinity):

@@ -29,7 +29,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
         yield progress
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """'2m05s'."""
     seconds = max(0, round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -61,7 +62,7 @@ class StepProgress:
             self.reported = tenths
             elapsed = time.perf_counter() - self.started
             eta = elapsed * (total - done) / max(done, 1)
-            self.line(f"{10 * tenths}% ({done}/{total}), {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+            self.line(f"{10 * tenths}% ({done}/{total}), {duration_text(elapsed)} elapsed, ETA {duration_text(eta)}")
 
     def note(self, text: str) -> None:
         self.line(text)

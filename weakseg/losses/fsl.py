@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.losses.base import LossTerm, foreground_channels
+from weakseg.models.inference import min_max_norm
 from weakseg.registry import register
 
 ACTIVATION_EPS = 1e-5
@@ -262,22 +263,13 @@ def feature_similarity_loss_all_pairs(
 GateInput = Literal["r", "b", "s", "a"]
 
 
-def hfpl_max_norm(scores: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """hfpl's max_norm (tool/visualization.py): after a ReLU, relu(p - min - eps) / (max - min + eps)
-    per image and channel, so each map spans [0, 1) whatever its floor."""
-    pos = F.relu(scores)
-    flat = pos.flatten(2)
-    low, high = flat.amin(dim=2)[..., None, None], flat.amax(dim=2)[..., None, None]
-    return F.relu(pos - low - eps) / (high - low + eps)
-
-
 def gate_input(scores: torch.Tensor, gate: GateInput, background_channel: int | None = None,
-               variant: Variant = "paper") -> torch.Tensor:
+               variant: Variant = "official") -> torch.Tensor:
     """The prediction FSL compares between pixels (hfpl §4.3; icam eq. 1 for "a"); gate "r"
     with the official variant is hfpl's max_norm."""
     if gate == "r":
         if variant == "official":
-            return hfpl_max_norm(scores)
+            return min_max_norm(scores)  # hfpl's max_norm
         pos = F.relu(scores)
         return pos / (pos.flatten(2).amax(dim=2)[..., None, None] + 1e-5)
     if gate == "b":

@@ -14,7 +14,8 @@ Only the classes asked for (those present in the image) are returned.
 
 The order of ReLU, upsampling and normalisation for `activation="relu"` (`order`) differs
 between the official codes; "irn" and "seam" reproduce them:
-- "irn" (IRN's make_cam.py, the plain CAM's reference): ReLU on each pass's score grid, then
+- "irn" (IRN's net/resnet50_cam.py CAM.forward and step/make_cam.py, jiwoon-ahn/irn a2ece00; the
+  plain CAM's reference): ReLU on each pass's score grid, then
   bilinear upsampling to H x W, summed; each class divided by its maximum + 1e-5.
 - "seam" (SEAM's and hfpl's infer_cam: the network's raw scores, upsampled): raw scores
   upsampled and summed over the passes; then negatives set to 0 and min-max normalised,
@@ -38,6 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.errors import ConfigError
+
+
+def min_max_norm(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """SEAM's and hfpl's max_norm (hfpl tool/visualization.py, and their infer_cam): a ReLU,
+    then per map (the last two dims) relu(x - min - eps) / (max - min + eps), so each map spans
+    [0, 1) whatever its floor. Used by the "seam" CAM order and by FSL's official gate "r"."""
+    pos = F.relu(maps)
+    flat = pos.flatten(-2)
+    low, high = flat.amin(dim=-1)[..., None, None], flat.amax(dim=-1)[..., None, None]
+    return F.relu(pos - low - eps) / (high - low + eps)
 
 
 def _scale_and_flip(image: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:
@@ -130,10 +141,7 @@ def infer_cams_and_probs(
         if probs is not None:
             probs += _merge_flip(_class_probs(outputs[probs_output or output], idx, background_channel, (h, w)), flip)
     if order == "seam" and activation == "relu" and background_channel is None:
-        cams = F.relu(cams)
-        low = cams.flatten(1).amin(dim=1).view(-1, 1, 1)
-        high = cams.flatten(1).amax(dim=1).view(-1, 1, 1)
-        cams = F.relu(cams - low - 1e-5) / (high - low + 1e-5)
+        cams = min_max_norm(cams)
     else:
         cams /= cams.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5
     if probs is not None:

@@ -28,7 +28,7 @@ from weakseg.data import build_dataset
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_label_map, voc_palette, write_text_atomic
 from weakseg.errors import DataError, WeaksegError
-from weakseg.steps import STAGE_OF_STEP, STEP_NAMES
+from weakseg.steps import STEP_NAMES, stages_and_seconds
 from weakseg.labels import IGNORE
 from weakseg.report.overlays import blend, colorize_labels, heatmap
 from weakseg.report.plots import ScatterPoint, iou_bars_svg, is_missing, jf_scatter_svg, percent
@@ -92,21 +92,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _results_from_step_folders(step_dirs: list[Path]) -> dict:
-    """results.json's stages and seconds, rebuilt from the done.json of finished step folders."""
-    stages, seconds = {}, {}
-    for folder in step_dirs:
-        done = _read_json(folder / "done.json")
-        result = done.get("result") if isinstance(done.get("result"), dict) else {}
-        if isinstance(done.get("seconds"), (int, float)):
-            seconds[folder.name] = done["seconds"]
-        stage = STAGE_OF_STEP.get(folder.name)
-        metrics = {key: result[key] for key, _ in METRICS if key in result}
-        if stage is not None and metrics:
-            stages[stage] = metrics
-    return {"stages": {s: stages[s] for s in STAGES if s in stages}, "seconds": seconds}
-
-
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """Read what a folder of weakseg outputs has: a run folder (results.json, or only the
     step folders that the single-step commands wrote), or one step folder (RUN/infer_cam).
@@ -123,7 +108,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         if not step_dirs:
             raise DataError(path, "no weakseg outputs here: neither results.json nor a finished step folder "
                                   f"({', '.join(STEP_NAMES)}, each with done.json)")
-        run = Run(path=root, name=name or path.name, results=_results_from_step_folders(step_dirs))
+        done = {d.name: _read_json(d / "done.json") for d in step_dirs}
+        run = Run(path=root, name=name or path.name, results=stages_and_seconds(done))
         run.notes.append(f"no results.json: read from the finished step folder(s) {', '.join(d.name for d in step_dirs)}")
         path = root
     metrics_path = path / "evaluate" / "metrics.json"

@@ -35,7 +35,7 @@ from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_pat
 from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.record import folder_lock, run_record
-from weakseg.steps import evaluate, infer_cam, predict, pseudo_labels, refine, train_affinity, train_cam, train_seg
+from weakseg.steps import evaluate, infer_cam, predict, pseudo_labels, refine, stages_and_seconds, train_affinity, train_cam, train_seg
 from weakseg.steps.base import Step, StepFolder, execute, step_hashes
 from weakseg.train import distributed
 from weakseg.metrics.evaluator import metrics_json
@@ -44,7 +44,6 @@ STEPS: tuple[Step, ...] = (train_cam.STEP, infer_cam.STEP, train_affinity.STEP, 
                            train_seg.STEP, predict.STEP, evaluate.STEP)
 BY_NAME = {step.name: step for step in STEPS}
 STEP_NAMES = tuple(BY_NAME)
-METRIC_KEYS = ("miou", "contour_f", "jf", "boundary_iou")
 
 # Keys of earlier releases: a config using one fails with one line naming the new key.
 RENAMED = {
@@ -272,12 +271,11 @@ def summarize(config: PipelineConfig, run_dir: Path, hashes: dict[str, str]) -> 
         done = StepFolder(run_dir / step.name, hashes[step.name]).finished()
         if done is not None:
             finished[step.name] = done
-    stages = {step.stage: {k: finished[step.name]["result"][k] for k in METRIC_KEYS if k in finished[step.name]["result"]}
-              for step in STEPS if step.stage is not None and step.name in finished}
+    recorded = stages_and_seconds(finished)
     summary: dict = {
-        "stages": stages,
+        "stages": recorded["stages"],
         "evaluated_on": "training images" if config.eval_dataset is None else "eval_dataset",
-        "seconds": {name: done["seconds"] for name, done in finished.items()},
+        "seconds": recorded["seconds"],
     }
     if "infer_cam" in finished:
         cam = finished["infer_cam"]["result"]

@@ -33,7 +33,7 @@ from weakseg.train.trainer import TrainConfig, train
 NAME = "train_seg"
 
 
-class label_reader:
+class PseudoLabelReader:
     """sample id -> its pseudo-label map, checked against the dataset's class count. A class,
     not a closure, so DataLoader workers started by spawn (macOS, Windows) can receive it."""
 
@@ -76,7 +76,7 @@ def train_seg(
         train_config,
         out,
         on_step=on_step,
-        masks=label_reader(Path(labels_dir), dataset),
+        masks=PseudoLabelReader(Path(labels_dir), dataset),
         on_epoch=on_epoch,
     )
     if distributed.is_main():  # under torchrun, one writer

@@ -34,6 +34,7 @@ from weakseg.errors import ConfigError, DataError, NonFiniteLoss, WeaksegError
 from weakseg.data.transforms import AugmentConfig, build_augment
 from weakseg.losses.base import LossTerm
 from weakseg.losses.terms import LossConfig, build_terms
+from weakseg.progress import duration_text
 from weakseg.record import release_inherited_locks
 from weakseg.train import distributed
 
@@ -373,9 +374,8 @@ def _epoch_line(epoch: int, epochs: int, total: float, terms, term_means: torch.
                 seconds: float) -> str:
     """'epoch 3/12: loss 0.5123 (cls 0.5000, fsl 0.0123); 41.2 images/s; ETA 2m10s'."""
     parts = ", ".join(f"{t.name} {float(v):.4f}" for t, v in zip(terms, term_means))
-    eta = round(seconds * (epochs - epoch - 1))
-    return (f"epoch {epoch + 1}/{epochs}: loss {total:.4f} ({parts}); {images / max(seconds, 1e-9):.1f} images/s; "
-            f"ETA {eta // 60}m{eta % 60:02d}s")
+    eta = duration_text(seconds * (epochs - epoch - 1))
+    return f"epoch {epoch + 1}/{epochs}: loss {total:.4f} ({parts}); {images / max(seconds, 1e-9):.1f} images/s; ETA {eta}"
 
 
 class _TargetById:
