@@ -458,3 +458,34 @@ def test_headless_chromium_renders_charts_and_thumbnails(runs, tmp_path):
         assert found is not None and found[1] > x, OVERLAY_COLUMNS[column]
     strip = screen[y:y + first.shape[0], x:x + 5 * first.shape[1]].astype(np.float32)
     assert (strip.min(axis=-1) > 245).mean() < 0.1 and strip.std() > 20
+
+
+def test_learning_curve_png_draws_each_point_where_its_value_says(tmp_path):
+    from PIL import Image
+
+    from weakseg.report.curves import SERIES_COLOURS, Series, line_chart_png
+
+    j = Series("held-back J", [1, 2, 4, 8], [10.0, 20.0, 30.0, 32.0])
+    f = Series("held-back F", [1, 2, 4, 8], [5.0, 7.0, 8.0, 8.5])
+    path = tmp_path / "curve.png"
+    geometry = line_chart_png(path, [j, f], "title", "epoch", "%")
+    assert geometry.y_ticks[0] == 0.0 and geometry.y_ticks[-1] >= 32.0 and geometry.x_ticks[-1] >= 8
+    image = Image.open(path).convert("RGB")
+    assert image.size == (720, 440)
+    for series, colour in ((j, SERIES_COLOURS[0]), (f, SERIES_COLOURS[1])):
+        expected = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        for x, y in zip(series.xs, series.ys):
+            px, py = geometry.pixel(x, y)
+            assert image.getpixel((round(px), round(py))) == expected
+    # A hand-computed point: x ticks 0..8 (step 2), y ticks 0..40 (step 10) on a 632 x 344 box at (64, 40).
+    assert geometry.x_ticks == [0, 2, 4, 6, 8] and geometry.y_ticks == [0, 10, 20, 30, 40]
+    assert geometry.pixel(4, 20.0) == (64 + 632 / 2, 40 + 344 / 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temporary file left
+
+
+def test_learning_curve_png_refuses_series_of_unequal_length(tmp_path):
+    from weakseg.report.curves import Series, line_chart_png
+
+    with pytest.raises(ValueError, match="3 x values but 2 y values"):
+        line_chart_png(tmp_path / "c.png", [Series("J", [1, 2, 3], [1.0, 2.0])], "t", "x", "y")
+    assert not list(tmp_path.iterdir())
