@@ -13,7 +13,8 @@ stops rising under this schedule"; a recipe set to the flattening epoch then dec
 own, shorter schedule and is re-measured on its own). The held-back CAMs are the infer_cam
 step's (`infer_cam.scales` from the config unless `--scales`), scored with its background
 sweep (VOC) or argmax (NYUv2). Writes OUT/<dataset>_holdoutK/<config>/curve.json after every
-evaluation and the PNG at the end; an interrupted curve resumes from the trainer's checkpoint.
+evaluation and the PNG at the end; an interrupted curve resumes from the trainer's checkpoint,
+and a finished one is only printed and drawn again (e.g. with another `--png`).
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def main() -> None:
               "patience": args.patience, "min_delta": args.min_delta}
     rows: list[dict] = []
     checkpoint = folder / "train_cam" / "checkpoint.pt"
-    if curve_path.is_file() and checkpoint.is_file():  # resume: keep the rows the checkpoint has passed
+    recorded = json.loads(curve_path.read_text()) if curve_path.is_file() else None
+    if recorded is not None and recorded["converged"]:  # finished: only print and draw it again
+        rows = recorded["rows"]
+    elif recorded is not None and checkpoint.is_file():  # resume: keep the rows the checkpoint has passed
         import torch
 
         done = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
-        rows = [r for r in json.loads(curve_path.read_text())["rows"] if r["epoch"] <= done]
+        rows = [r for r in recorded["rows"] if r["epoch"] <= done]
         print(f"resuming after epoch {done} ({len(rows)} evaluations kept)", flush=True)
     epoch = rows[-1]["epoch"] if rows else 0
     started = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
