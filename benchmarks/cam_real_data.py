@@ -103,9 +103,11 @@ def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, P
 
 
 def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, reuse: bool = False,
-            train_data: Path | None = None, eval_data: Path | None = None, keep_cams: bool = False) -> dict:
+            train_data: Path | None = None, eval_data: Path | None = None, keep_cams: bool = False,
+            extra: list[str] | None = None) -> dict:
     config_file, overrides = recipe
-    overrides = SCHEDULE[dataset] + overrides + ([dataset_override(train_data)] if train_data else [])
+    overrides = (SCHEDULE[dataset] + overrides + ([dataset_override(train_data)] if train_data else [])
+                 + list(extra or []))
     record = out / f"seed{seed}" / "bench_metrics.json"
     if reuse and record.is_file():
         return json.loads(record.read_text())
@@ -148,6 +150,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="Run only these recipe names.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reuse", action="store_true", help="reuse bench_metrics.json of finished runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides added to every row, e.g. train_cam.train.epochs=4")
     parser.add_argument("--keep-cams", action="store_true",
                         help="keep each run's infer_cam/cams/ arrays (default: delete them once scored)")
     parser.add_argument("--train-data", type=Path, default=None,
@@ -176,14 +180,14 @@ def main() -> None:
         results[name] = []
         for seed in args.seeds:
             metrics = run_one(args.dataset, recipe, seed, args.out / tag / slug, args.reuse,
-                              args.train_data, args.eval_data, args.keep_cams)
+                              args.train_data, args.eval_data, args.keep_cams, args.set)
             results[name].append(metrics)
             print(f"  {name} seed {seed}: J={metrics['miou']:.4f} F={metrics['contour_f']:.4f} "
                   f"({metrics['seconds']:.0f} s)", flush=True)
 
     scored = f" scored on {args.eval_data}" if args.eval_data else ""
     print(f"\n{tag}: CAM pseudo-labels{scored}, seeds {args.seeds} (mean ± std over seeds), "
-          f"shared overrides {SCHEDULE[args.dataset] or 'none'}\n")
+          f"shared overrides {SCHEDULE[args.dataset] + args.set or 'none'}\n")
     print("| recipe | config | J (%) | F (%) | J&F (%) | threshold | s / run |")
     print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
