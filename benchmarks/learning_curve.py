@@ -7,7 +7,7 @@ CAMs of the held-back ones after every k-th epoch, until held-back J has not ris
         [--png docs/img/learning_curve_voc_cam.png]
 
 The split is cam_real_data.py's (`--holdout K`: every K-th image of the sorted ids held back).
-Training is `weakseg train-cam` on the kept images with `train_cam.train.epochs=MAX` (the
+Training is the trainer `weakseg train-cam` runs, on the kept images, with `train_cam.train.epochs=MAX` (the
 poly learning rate decays over MAX epochs: the curve answers "how long until held-back J
 stops rising under this schedule"; a recipe set to the flattening epoch then decays over its
 own, shorter schedule and is re-measured on its own). The held-back CAMs are the infer_cam

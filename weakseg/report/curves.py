@@ -14,10 +14,10 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from weakseg.data.io import atomic_path
-from weakseg.report.plots import nice_ticks
+from weakseg.report.plots import STAGE_COLOURS, nice_ticks
 
-# Okabe-Ito hues, distinct for colour-blind readers (the report's stage colours).
-SERIES_COLOURS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#d55e00", "#56b4e9"]
+# The report's stage colours (Okabe-Ito hues, distinct for colour-blind readers), then two more.
+SERIES_COLOURS = [*STAGE_COLOURS.values(), "#d55e00", "#56b4e9"]
 
 
 @dataclass
