@@ -1,20 +1,33 @@
-"""Held-back learning curve of a CAM recipe: train on the images not held back and score the
-CAMs of the held-back ones after every k-th epoch, until held-back J has not risen for
-`--patience` evaluations (or `--max-epochs` is reached).
+"""Held-back learning curve of a recipe: train on the images not held back and score the
+held-back images after every k-th epoch, until held-back J has not risen for `--patience`
+evaluations (or `--max-epochs` is reached).
 
+    # the CAM network (--stage cam, the default)
     python benchmarks/learning_curve.py --dataset voc --holdout 3 [--config voc_cam_gap.yaml]
         [--max-epochs 60] [--every 1] [--patience 3] [--threads 2] [--out runs/learning_curve]
         [--png docs/img/learning_curve_voc_cam.png]
+    # the final segmentation network on a run's fixed pseudo-labels
+    python benchmarks/learning_curve.py --stage seg --run runs/voc_cpu [--max-epochs 40] [--every 2]
 
-The split is cam_real_data.py's (`--holdout K`: every K-th image of the sorted ids held back).
-Training is the trainer `weakseg train-cam` runs, on the kept images, with `train_cam.train.epochs=MAX` (the
-poly learning rate decays over MAX epochs: the curve answers "how long until held-back J
-stops rising under this schedule"; a recipe set to the flattening epoch then decays over its
-own, shorter schedule and is re-measured on its own). The held-back CAMs are the infer_cam
-step's (`infer_cam.scales` from the config unless `--scales`), scored with its background
-sweep (VOC) or argmax (NYUv2). Writes OUT/<dataset>_holdoutK/<config>/curve.json after every
-evaluation and the PNG at the end; an interrupted curve resumes from the trainer's checkpoint,
-and a finished one is only printed and drawn again (e.g. with another `--png`).
+CAM stage: the split is cam_real_data.py's (`--holdout K`: every K-th image of the sorted ids
+held back; the dataset key `holdout` makes the same split). Training is the trainer `weakseg
+train-cam` runs, on the kept images, with `train_cam.train.epochs=MAX` (the poly learning rate
+decays over MAX epochs: the curve answers "how long until held-back J stops rising under this
+schedule"; a recipe set to the flattening epoch then decays over its own, shorter schedule
+and is re-measured on its own). The held-back CAMs are the infer_cam step's
+(`infer_cam.scales` from the config unless `--scales`), scored with its background sweep
+(VOC) or argmax (NYUv2). Writes OUT/<dataset>_holdoutK/<config>/curve.json.
+
+Seg stage: RUN is a pipeline run folder whose config has an `eval_dataset` (the held-back
+images, e.g. configs/voc_cpu.yaml) and whose pseudo_labels step finished. The network is the
+one `weakseg train-seg` trains (train_seg.model, train_seg.train with epochs=MAX), on RUN's
+pseudo-labels; the held-back images are predicted as the predict step does (its scales, flip
+and CRF unless `--scales`) and scored by the evaluate step's code. Writes
+RUN/curve_train_seg/curve.json.
+
+curve.json is written after every evaluation, and the PNG at the end; an interrupted curve
+resumes from the trainer's checkpoint, and a finished one is only printed and drawn again
+(e.g. with another `--png`).
 """
 
 from __future__ import annotations
@@ -29,10 +42,12 @@ from pathlib import Path
 
 from weakseg.data import build_dataset, dataset_from_file
 from weakseg.data.io import write_text_atomic
-from weakseg.models.factory import build_model
+from weakseg.models.factory import build_model, build_seg_model
 from weakseg.report.curves import Series, line_chart_png
-from weakseg.steps import infer_cam, pipeline
-from weakseg.steps.model_files import save_cam_model
+from weakseg.losses.segmentation import SegmentationTerm
+from weakseg.steps import evaluate, infer_cam, pipeline, predict
+from weakseg.steps.model_files import save_cam_model, save_seg_model
+from weakseg.steps.train_seg import PseudoLabelReader
 from weakseg.train.trainer import train
 
 from cam_real_data import ROOT, SCHEDULE, dataset_override, write_holdout_split
@@ -53,27 +68,8 @@ def stopped_rising(js: list[float], patience: int, min_delta: float = 0.0) -> bo
     return all(j <= best_before + min_delta for j in js[-patience:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(DEFAULT_CONFIG), required=True)
-    parser.add_argument("--config", default=None, help="CAM config in configs/ (default: the GAP baseline)")
-    parser.add_argument("--holdout", type=int, default=3)
-    parser.add_argument("--max-epochs", type=int, default=60)
-    parser.add_argument("--every", type=int, default=1, help="evaluate after every k-th epoch")
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--min-delta", type=float, default=0.0, help="a rise smaller than this does not count")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="held-back inference scales")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("runs/learning_curve"))
-    parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: beside curve.json)")
-    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train_cam.train.batch_size=16")
-    args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
+def cam_stage(args) -> dict:
+    """What the curve of a CAM recipe trains and how it scores the held-back images."""
     config_file = args.config or DEFAULT_CONFIG[args.dataset]
     split = args.out / f"{args.dataset}_holdout{args.holdout}"
     train_yaml, heldback_yaml = write_holdout_split(args.dataset, args.holdout, split)
@@ -89,13 +85,107 @@ def main() -> None:
     cam = config.train_cam
     model = build_model(cam.model, len(dataset.foreground_ids))
 
+    def score() -> dict:
+        model_file = folder / "curve_model.pt"
+        save_cam_model(model_file, model, cam.model, dataset)
+        scored = folder / "heldback_cams"
+        metrics = infer_cam.infer_cams(model_file, heldback, scored, infer_config)
+        shutil.rmtree(scored)
+        return metrics
+
+    def fit(on_epoch) -> None:
+        train(model, dataset, cam.loss, cam.train, folder / "train_cam", background_channel=model.background_channel,
+              on_epoch=on_epoch)
+
+    return {"folder": folder, "name": config_file, "label": f"{config_file} on {args.dataset} (holdout {args.holdout}: "
+            f"{len(dataset)} train, {len(heldback)} held back), seed {args.seed}",
+            "header": {"config": config_file, "overrides": overrides, "dataset": args.dataset, "holdout": args.holdout,
+                       "train_images": len(dataset), "heldback_images": len(heldback), "scales": infer_config.scales,
+                       "flip": infer_config.flip},
+            "score": score, "fit": fit}
+
+
+def seg_stage(args) -> dict:
+    """The final network of run `args.run`, trained on its pseudo-labels, scored on its
+    eval_dataset."""
+    if args.run is None:
+        raise SystemExit("--stage seg needs --run RUN (a pipeline run folder whose pseudo_labels step finished)")
+    run_dir = args.run.resolve()
+    labels = run_dir / "pseudo_labels"
+    if not (labels / "done.json").is_file():
+        raise SystemExit(f"{labels}: the pseudo_labels step has not finished; run `weakseg run CONFIG --to pseudo_labels`")
+    overrides = list(args.overrides) + [f"train_seg.train.epochs={args.max_epochs}", f"train_seg.train.seed={args.seed}"]
+    config, base_dir = pipeline.load_config(run_dir / "config.yaml", overrides)
+    if config.eval_dataset is None:
+        raise SystemExit(f"{run_dir / 'config.yaml'}: no eval_dataset; the curve scores held-back images "
+                         "(e.g. dataset and eval_dataset with `holdout`, as in configs/voc_cpu.yaml)")
+    dataset = build_dataset(config.dataset, base_dir)
+    heldback = build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
+    seg = config.train_seg or pipeline.train_seg.TrainSegConfig()
+    predict_config = config.predict or predict.PredictConfig()
+    if args.scales:
+        predict_config = replace(predict_config, scales=list(args.scales))
+    folder = run_dir / "curve_train_seg" / f"seed{args.seed}"
+    import torch
+
+    torch.manual_seed(seg.train.seed)  # as train_seg does before it builds the network
+    model = build_seg_model(seg.model, dataset.num_classes)
+
+    def score() -> dict:
+        model_file = folder / "curve_model.pt"
+        save_seg_model(model_file, model, seg.model, dataset)
+        scored = folder / "heldback_pred"
+        predict.predict(model_file, heldback, scored, predict_config)
+        metrics = evaluate.evaluate_dataset(scored / "pred", heldback, scored)
+        shutil.rmtree(scored)
+        return metrics
+
+    def fit(on_epoch) -> None:
+        train(model, dataset, [SegmentationTerm()], seg.train, folder / "train_seg",
+              masks=PseudoLabelReader(labels, dataset), on_epoch=on_epoch)
+
+    return {"folder": folder, "name": f"{run_dir.name} train_seg",
+            "label": f"final network of {run_dir.name} on its pseudo-labels ({len(dataset)} train, "
+                     f"{len(heldback)} held back), seed {args.seed}",
+            "header": {"run": str(run_dir), "overrides": overrides, "train_images": len(dataset),
+                       "heldback_images": len(heldback), "scales": predict_config.scales, "flip": predict_config.flip,
+                       "crf": predict_config.crf},
+            "score": score, "fit": fit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("cam", "seg"), default="cam")
+    parser.add_argument("--dataset", choices=sorted(DEFAULT_CONFIG), help="--stage cam: the dataset")
+    parser.add_argument("--config", default=None, help="--stage cam: CAM config in configs/ (default: the GAP baseline)")
+    parser.add_argument("--run", type=Path, default=None, help="--stage seg: the pipeline run folder")
+    parser.add_argument("--holdout", type=int, default=3)
+    parser.add_argument("--max-epochs", type=int, default=60)
+    parser.add_argument("--every", type=int, default=1, help="evaluate after every k-th epoch")
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--min-delta", type=float, default=0.0, help="a rise smaller than this does not count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="held-back inference scales")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/learning_curve"), help="--stage cam: where curves go")
+    parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: beside curve.json)")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train_cam.train.batch_size=16")
+    args = parser.parse_args()
+    if args.stage == "cam" and args.dataset is None:
+        parser.error("--stage cam needs --dataset")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    stage = cam_stage(args) if args.stage == "cam" else seg_stage(args)
+    folder = stage["folder"]
+    trainer_folder = folder / ("train_cam" if args.stage == "cam" else "train_seg")
+
     curve_path = folder / "curve.json"
-    header = {"config": config_file, "overrides": overrides, "dataset": args.dataset, "holdout": args.holdout,
-              "train_images": len(dataset), "heldback_images": len(heldback), "scales": infer_config.scales,
-              "flip": infer_config.flip, "max_epochs": args.max_epochs, "every": args.every,
-              "patience": args.patience, "min_delta": args.min_delta}
+    header = dict(stage["header"], stage=args.stage, max_epochs=args.max_epochs, every=args.every,
+                  patience=args.patience, min_delta=args.min_delta)
     rows: list[dict] = []
-    checkpoint = folder / "train_cam" / "checkpoint.pt"
+    checkpoint = trainer_folder / "checkpoint.pt"
     recorded = json.loads(curve_path.read_text()) if curve_path.is_file() else None
     if recorded is not None and recorded["converged"]:  # finished: only print and draw it again
         rows = recorded["rows"]
@@ -107,8 +197,8 @@ def main() -> None:
         print(f"resuming after epoch {done} ({len(rows)} evaluations kept)", flush=True)
     epoch = rows[-1]["epoch"] if rows else 0
     started = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
-    print(f"{config_file}: {len(dataset)} training images, {len(heldback)} held back; up to {args.max_epochs} "
-          f"epochs, scored every {args.every}, patience {args.patience}", flush=True)
+    print(f"{stage['label']}: up to {args.max_epochs} epochs, scored every {args.every}, patience {args.patience}",
+          flush=True)
 
     def write_curve(converged: bool) -> None:
         best = max(rows, key=lambda r: r["miou"]) if rows else None
@@ -121,11 +211,7 @@ def main() -> None:
         epoch += 1
         if epoch % args.every and epoch != args.max_epochs:
             return
-        model_file = folder / "curve_model.pt"
-        save_cam_model(model_file, model, cam.model, dataset)
-        scored = folder / "heldback_cams"
-        metrics = infer_cam.infer_cams(model_file, heldback, scored, infer_config)
-        shutil.rmtree(scored)
+        metrics = stage["score"]()
         loss = float(re.search(r"loss ([^ ]+)", line).group(1))  # the trainer's epoch line (its mean loss)
         rows.append({"epoch": epoch, "train_loss": loss, "miou": metrics["miou"], "contour_f": metrics["contour_f"],
                      "jf": metrics["jf"], "best_threshold": metrics.get("best_threshold"),
@@ -141,8 +227,7 @@ def main() -> None:
     try:
         if rows and stopped_rising([r["miou"] for r in rows], args.patience, args.min_delta):
             raise Converged
-        train(model, dataset, cam.loss, cam.train, folder / "train_cam", background_channel=model.background_channel,
-              on_epoch=on_epoch)
+        stage["fit"](on_epoch)
     except Converged:
         converged = True
     write_curve(converged)
@@ -159,8 +244,7 @@ def main() -> None:
     epochs = [r["epoch"] for r in rows]
     line_chart_png(png, [Series("held-back J", epochs, [100 * r["miou"] for r in rows]),
                          Series("held-back F", epochs, [100 * r["contour_f"] for r in rows])],
-                   f"{config_file} on {args.dataset} (holdout {args.holdout}: {len(dataset)} train, "
-                   f"{len(heldback)} held back), seed {args.seed}", "epoch", "%")
+                   stage["label"], "epoch", "%")
     print(f"plot: {png}")
 
 

@@ -4,6 +4,8 @@ Each layout lives in its own module, which registers a `DatasetLayout` (its `Con
 dataclass of keys, see docs/datasets.md; `build(config, base_dir, strict) -> SegDataset`; its
 path keys) as ``@register("dataset", kind)``. A dataset config is a mapping with `kind:` plus
 that layout's keys; relative paths resolve against `base_dir` (the config file's folder).
+Any layout also takes `holdout: {every, part}` (weakseg.data.holdout): one part of a
+held-back split.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Mapping
 
 from weakseg.config import from_mapping, load_yaml, resolve_path
 from weakseg.data.base import DatasetLayout, SegDataset, Sample
+from weakseg.data.holdout import HoldoutConfig, take_part
 from weakseg.errors import ConfigError
 from weakseg.registry import available, lookup
 
@@ -29,7 +32,17 @@ def check_dataset_mapping(mapping: Any, prefix: str = "dataset") -> None:
         key = f"{prefix}.kind" if prefix else "kind"
         raise ConfigError(f"{key}: required key is missing; allowed values: {', '.join(available('dataset'))}")
     options = dict(mapping)
+    _holdout(options, prefix)
     from_mapping(layout(options.pop("kind"), prefix).config, options, prefix)
+
+
+def _holdout(options: dict, prefix: str) -> HoldoutConfig | None:
+    """Pops and checks the `holdout` key every layout accepts."""
+    value = options.pop("holdout", None)
+    if value is None:
+        return None
+    key = f"{prefix}.holdout" if prefix else "holdout"
+    return from_mapping(HoldoutConfig, value, key).check(key)
 
 
 def build_dataset(
@@ -38,10 +51,12 @@ def build_dataset(
     """Build a dataset from a config mapping (`kind` + the layout's keys)."""
     check_dataset_mapping(mapping, prefix)
     options = dict(mapping)
+    holdout = _holdout(options, prefix)
     kind = options.pop("kind")
     found = layout(kind, prefix)
     config = from_mapping(found.config, options, prefix)
-    return found.build(config, Path(base_dir) if base_dir is not None else None, strict)
+    dataset = found.build(config, Path(base_dir) if base_dir is not None else None, strict)
+    return dataset if holdout is None else take_part(dataset, holdout)
 
 
 def with_absolute_paths(mapping: Mapping[str, Any], base_dir: str | Path | None) -> dict:
