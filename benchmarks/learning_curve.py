@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import time
 from dataclasses import replace
@@ -48,7 +47,7 @@ from weakseg.losses.segmentation import SegmentationTerm
 from weakseg.steps import evaluate, infer_cam, pipeline, predict
 from weakseg.steps.model_files import save_cam_model, save_seg_model
 from weakseg.steps.train_seg import PseudoLabelReader
-from weakseg.train.trainer import train
+from weakseg.train.trainer import EpochLine, train
 
 from cam_real_data import ROOT, SCHEDULE, dataset_override, write_holdout_split
 
@@ -195,7 +194,6 @@ def main() -> None:
         done = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
         rows = [r for r in recorded["rows"] if r["epoch"] <= done]
         print(f"resuming after epoch {done} ({len(rows)} evaluations kept)", flush=True)
-    epoch = rows[-1]["epoch"] if rows else 0
     started = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
     print(f"{stage['label']}: up to {args.max_epochs} epochs, scored every {args.every}, patience {args.patience}",
           flush=True)
@@ -206,14 +204,12 @@ def main() -> None:
                       best_miou=best and best["miou"])
         write_text_atomic(curve_path, json.dumps(record, indent=2) + "\n")
 
-    def on_epoch(line: str) -> None:
-        nonlocal epoch
-        epoch += 1
+    def on_epoch(line: EpochLine) -> None:
+        epoch = line.epoch
         if epoch % args.every and epoch != args.max_epochs:
             return
         metrics = stage["score"]()
-        loss = float(re.search(r"loss ([^ ]+)", line).group(1))  # the trainer's epoch line (its mean loss)
-        rows.append({"epoch": epoch, "train_loss": loss, "miou": metrics["miou"], "contour_f": metrics["contour_f"],
+        rows.append({"epoch": epoch, "train_loss": line.loss, "miou": metrics["miou"], "contour_f": metrics["contour_f"],
                      "jf": metrics["jf"], "best_threshold": metrics.get("best_threshold"),
                      "seconds": time.perf_counter() - started})
         print(f"epoch {epoch:3d}  held-back J {100 * metrics['miou']:5.1f}  F {100 * metrics['contour_f']:5.1f}  "

@@ -295,3 +295,7 @@ def test_training_reports_one_line_per_epoch(tmp_path):
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert f"loss {history['epoch_losses'][1]:.4f} (cls {history['epoch_losses'][1]:.4f})" in lines[1]
     assert "images/s; ETA 0m00s" in lines[1]
+    # The line also carries its numbers (EpochLine), equal to the history's, unrounded.
+    assert [line.epoch for line in lines] == [1, 2]
+    assert [line.loss for line in lines] == history["epoch_losses"]
+    assert lines[1].terms == {"cls": pytest.approx(history["epoch_losses"][1])}

@@ -370,12 +370,26 @@ def train(
     return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator, on_epoch=on_epoch)
 
 
+class EpochLine(str):
+    """The text `on_epoch` receives (a str, so a callback may just print it), carrying the
+    epoch's numbers too, so that no caller parses the text: `epoch` (1-based), `loss` (the
+    epoch's mean total loss) and `terms` (each term's mean, by name)."""
+
+    epoch: int
+    loss: float
+    terms: dict[str, float]
+
+
 def _epoch_line(epoch: int, epochs: int, total: float, terms, term_means: torch.Tensor, images: int,
-                seconds: float) -> str:
+                seconds: float) -> EpochLine:
     """'epoch 3/12: loss 0.5123 (cls 0.5000, fsl 0.0123); 41.2 images/s; ETA 2m10s'."""
-    parts = ", ".join(f"{t.name} {float(v):.4f}" for t, v in zip(terms, term_means))
+    means = {t.name: float(v) for t, v in zip(terms, term_means)}
+    parts = ", ".join(f"{name} {value:.4f}" for name, value in means.items())
     eta = duration_text(seconds * (epochs - epoch - 1))
-    return f"epoch {epoch + 1}/{epochs}: loss {total:.4f} ({parts}); {images / max(seconds, 1e-9):.1f} images/s; ETA {eta}"
+    line = EpochLine(f"epoch {epoch + 1}/{epochs}: loss {total:.4f} ({parts}); "
+                     f"{images / max(seconds, 1e-9):.1f} images/s; ETA {eta}")
+    line.epoch, line.loss, line.terms = epoch + 1, float(total), means
+    return line
 
 
 class _TargetById:
@@ -415,7 +429,8 @@ def fit(
     term is logged to log.csv and checked for finiteness (NonFiniteLoss). After every epoch a
     checkpoint (model, optimiser, terms, RNG states, `checkpoint_extra`) is written atomically;
     a run folder holding one resumes from it. `on_epoch` receives one line per epoch (the
-    epoch's mean losses, images/s, ETA), for logs where no progress bar shows."""
+    epoch's mean losses, images/s, ETA), for logs where no progress bar shows; the line is an
+    EpochLine, which also carries those numbers."""
     distributed.setup()
     main = distributed.is_main()
     out_dir = Path(out_dir)
