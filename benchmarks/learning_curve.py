@@ -23,7 +23,8 @@ images, e.g. configs/voc_cpu.yaml) and whose pseudo_labels step finished. The ne
 one `weakseg train-seg` trains (train_seg.model, train_seg.train with epochs=MAX), on RUN's
 pseudo-labels; the held-back images are predicted as the predict step does (its scales, flip
 and CRF unless `--scales`) and scored by the evaluate step's code. Writes
-RUN/curve_train_seg/curve.json.
+RUN/curve_train_seg/seedS/curve.json (`--tag T`: RUN/curve_train_seg/T_seedS, for a curve
+with other overrides).
 
 curve.json is written after every evaluation, and the PNG at the end; an interrupted curve
 resumes from the trainer's checkpoint, and a finished one is only printed and drawn again
@@ -124,7 +125,7 @@ def seg_stage(args) -> dict:
     predict_config = config.predict or predict.PredictConfig()
     if args.scales:
         predict_config = replace(predict_config, scales=list(args.scales))
-    folder = run_dir / "curve_train_seg" / f"seed{args.seed}"
+    folder = run_dir / "curve_train_seg" / (f"{args.tag}_seed{args.seed}" if args.tag else f"seed{args.seed}")
     import torch
 
     torch.manual_seed(seg.train.seed)  # as train_seg does before it builds the network
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="held-back inference scales")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curve"), help="--stage cam: where curves go")
+    parser.add_argument("--tag", default=None, help="--stage seg: a name for this curve's folder (curves with "
+                        "other overrides of the same run need their own)")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: beside curve.json)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train_cam.train.batch_size=16")
     args = parser.parse_args()

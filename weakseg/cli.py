@@ -179,7 +179,11 @@ def run_pipeline(
     with progress_bar() as bars:
         summary = pipeline.run(config, overrides or [], from_step, log=_log, progress=lambda step: StepProgress(bars, step),
                                to_step=to_step)
-    table = Table(title=f"results ({summary['evaluated_on']})")
+    # cam, refined and pseudo_labels are always scored on the training images; the final
+    # network on the eval_dataset when there is one.
+    where = ("all stages on the training images" if summary["evaluated_on"] == "training images"
+             else "final on the eval_dataset; cam, refined, pseudo_labels on the training images")
+    table = Table(title=f"results ({where})")
     for column in ("stage", "J", "F", "J&F", "boundary IoU"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, values in summary["stages"].items():
