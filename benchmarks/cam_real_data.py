@@ -18,8 +18,10 @@ images' masks, as for the training-set rows.
 Each recipe is a config in configs/ (plus the overrides listed in RECIPES below), trained
 with `weakseg train-cam` and evaluated with `weakseg infer-cam` at the config's inference
 scales (in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
-SCHEDULE adds overrides shared by every row of a dataset (NYUv2: 2 epochs, so that its 9 runs
-fit a CPU session). Each run writes bench_metrics.json in its folder (its CAM arrays are deleted once
+SCHEDULE adds overrides shared by every row of a dataset: the epoch count where the GAP
+baseline's held-back learning curve flattens (VOC 24, NYUv2 20; docs/results.md, "Learning
+curves"), so every row trains the same converged schedule. The tables of earlier sessions used
+4 (VOC) and 2 (NYUv2) epochs: `--set train_cam.train.epochs=4` reproduces one. Each run writes bench_metrics.json in its folder (its CAM arrays are deleted once
 scored unless `--keep-cams`); `--reuse` takes those of
 finished runs instead of training again (after a crash; never across code changes).
 """
@@ -72,7 +74,7 @@ RECIPES = {
 
 
 # Overrides shared by every row of a dataset: the CPU-sized schedule on top of the configs.
-SCHEDULE = {"voc": [], "nyu": ["train_cam.train.epochs=2"]}
+SCHEDULE = {"voc": ["train_cam.train.epochs=24"], "nyu": ["train_cam.train.epochs=20"]}
 
 
 def dataset_override(path: Path) -> str:

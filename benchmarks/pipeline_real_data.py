@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--heldback", action="store_true",
                         help="also score cam, refined and pseudo_labels on the config's eval_dataset")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--to", default=None, help="stop after this step (as `weakseg run --to`)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args()
     if args.threads:
@@ -53,7 +54,7 @@ def main() -> None:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     started = time.perf_counter()
-    summary = pipeline.run(args.config, args.overrides + [f"out={args.out}"])
+    summary = pipeline.run(args.config, args.overrides + [f"out={args.out}"], to_step=args.to)
     wall = time.perf_counter() - started
 
     print(f"\n{args.config.name} {' '.join(args.overrides)}: evaluated on {summary['evaluated_on']}, "
@@ -64,7 +65,7 @@ def main() -> None:
         cells = [f"{100 * values[k]:.1f}" if values.get(k) is not None else "n/a"
                  for k in ("miou", "contour_f", "jf", "boundary_iou")]
         print(f"| {stage} | " + " | ".join(cells) + " |")
-    labels = summary["pseudo_labels"]
+    labels = summary.get("pseudo_labels", {"coverage": float("nan"), "labelled_miou": float("nan")})
     print(f"\npseudo-labels: coverage {labels['coverage']:.3f}, J on labelled pixels {labels['labelled_miou']:.3f}")
     print("\n| step | seconds |\n|---|---|")
     for step, seconds in summary["seconds"].items():
