@@ -35,6 +35,7 @@ import shutil
 import time
 from pathlib import Path
 
+from weakseg.data.holdout import holdout_positions
 from weakseg.data import build_dataset, dataset_from_file, load_dataset_config, with_absolute_paths
 from weakseg.steps import infer_cam, pipeline
 
@@ -89,9 +90,10 @@ def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, P
     if every < 2:
         raise SystemExit(f"--holdout {every}: must be at least 2 (every K-th image held back)")
     mapping = with_absolute_paths(load_dataset_config(DATA[dataset]), DATA[dataset].parent)
-    ids = sorted(build_dataset(mapping).ids)
-    held = [i for n, i in enumerate(ids) if n % every == every - 1]
-    kept = [i for n, i in enumerate(ids) if n % every != every - 1]
+    ids = build_dataset(mapping).ids
+    # The dataset key `holdout` makes the same split (weakseg.data.holdout, one rule).
+    held = [ids[i] for i in holdout_positions(ids, every, "heldback")]
+    kept = [ids[i] for i in holdout_positions(ids, every, "kept")]
     folder.mkdir(parents=True, exist_ok=True)
     configs = []
     for name, chosen in (("train", kept), ("heldback", held)):
