@@ -1,16 +1,22 @@
 """Where the final network loses J on held-back images: the classes it predicts, or where.
 
     python benchmarks/final_diagnosis.py --run runs/voc_cpu [--seg-model PATH] [--threads 1]
+        [--thresholds 0.5 ...] [--crf PRESET] [--output-stride 8] [--images heldback|training]
 
 RUN is a pipeline run with an eval_dataset (e.g. configs/voc_cpu.yaml). Its segmentation
-network predicts every held-back image (the predict step's scales and flip); the argmax is
-scored three ways:
+network predicts every held-back image (the predict step's scales and flip; `--images
+training` scores the run's training images instead); the argmax is scored several ways:
 
 - free: over all classes, as the pipeline's `final` stage (no image-level labels at test time);
-- CAM classifier's classes: channels of foreground classes the run's CAM network scores
-  below sigmoid 0.5 on the image are dropped first (needs no label and no mask);
+- CAM classifier > t: channels of foreground classes the run's CAM network scores below
+  sigmoid t on the image are dropped first (needs no label and no mask), one row per
+  `--thresholds` value;
 - the image's true classes: the same with the image-level labels (an oracle; it is the
   information the CAM stage is given).
+
+`--crf PRESET` adds each row again after a dense CRF (weakseg.refine.crf presets) over the
+channels the row keeps, as `predict.crf` does. `--output-stride 8` rebuilds the network at
+that stride with the same weights (the ASPP rates follow the stride), for inference only.
 
 The gap between free and the oracle is what wrong classes cost; the oracle's own gap to the
 pseudo-label stage is what the localisation costs. Also prints how often the CAM network's
@@ -29,7 +35,10 @@ import torch
 from weakseg.data import build_dataset
 from weakseg.data.tensor import rgb_batch
 from weakseg.metrics.evaluator import SegEvaluator
+from weakseg.config import from_mapping
+from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.models.inference import predict_probs
+from weakseg.refine.crf import DenseCRF
 from weakseg.steps import pipeline, predict
 from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, load_cam_model, load_seg_model
 
@@ -49,6 +58,11 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--seg-model", type=Path, default=None, help="default: RUN/train_seg/seg_model.pt")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5],
+                        help="CAM-classifier sigmoid thresholds for the class filter (default 0.5)")
+    parser.add_argument("--crf", default=None, help="also score every row after this dense-CRF preset")
+    parser.add_argument("--output-stride", type=int, default=None, help="rebuild the network at this stride")
+    parser.add_argument("--images", choices=("heldback", "training"), default="heldback")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,13 +70,25 @@ def main() -> None:
     config, base_dir = pipeline.load_config(run_dir / "config.yaml")
     if config.eval_dataset is None:
         raise SystemExit(f"{run_dir / 'config.yaml'}: no eval_dataset to diagnose on")
-    heldback = build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
+    if args.images == "heldback":
+        heldback = build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
+    else:
+        heldback = build_dataset(config.dataset, base_dir, prefix="dataset")
     background = heldback.background_index
     predict_config = config.predict or predict.PredictConfig()
-    seg_model, _ = load_seg_model(args.seg_model or run_dir / SEG_MODEL, torch.device("cpu"))
+    seg_model, seg_state = load_seg_model(args.seg_model or run_dir / SEG_MODEL, torch.device("cpu"))
+    if args.output_stride:
+        model_config = from_mapping(SegModelConfig, seg_state["seg_model_config"], "model")
+        model_config.backbone_args = {**model_config.backbone_args, "pretrained": False,
+                                      "output_stride": args.output_stride}
+        strided = build_seg_model(model_config, len(seg_state["class_names"]))
+        strided.load_state_dict(seg_state["model"])  # dilation changes no parameter
+        seg_model = strided.eval()
+    crf = DenseCRF(args.crf) if args.crf else None
     cam_model, _ = load_cam_model(run_dir / CAM_MODEL, torch.device("cpu"))
     foreground = np.asarray(heldback.foreground_ids)
-    variants = ("free", "CAM classifier's classes", "the image's true classes (oracle)")
+    filters = ["free"] + [f"CAM classifier > {t:g}" for t in args.thresholds] + ["the image's true classes (oracle)"]
+    variants = filters + ([f"{name} + CRF {args.crf}" for name in filters] if crf else [])
     evaluators = {name: SegEvaluator(heldback.class_names, background) for name in variants}
     cam_classes = {"tp": 0, "fp": 0, "fn": 0}
     painted = {"tp": 0, "fp": 0, "fn": 0}
@@ -73,19 +99,22 @@ def main() -> None:
             probs = np.asarray(predict_probs(seg_model, rgb, predict_config.scales, predict_config.flip))
             scores = torch.sigmoid(cam_model(rgb_batch([sample.image]))["logits"][0]).numpy()
         true = set(foreground[sample.labels > 0.5].tolist())
-        guessed = set(foreground[scores > 0.5].tolist())
-        class_counts(guessed, true, cam_classes)
-        for name, keep in (("free", None), (variants[1], guessed), (variants[2], true)):
-            masked = probs.copy()
-            if keep is not None:
-                drop = [c for c in foreground.tolist() if c not in keep]
-                masked[drop] = -1.0
-            label = masked.argmax(axis=0).astype(np.uint8)
+        class_counts(set(foreground[scores > 0.5].tolist()), true, cam_classes)
+        keeps = [None] + [set(foreground[scores > t].tolist()) for t in args.thresholds] + [true]
+        for name, keep in zip(filters, keeps):
+            kept = np.arange(probs.shape[0]) if keep is None else np.asarray(
+                [c for c in range(probs.shape[0]) if c not in foreground or c in keep])
+            label = kept[probs[kept].argmax(axis=0)].astype(np.uint8)
             evaluators[name].add(label, sample.mask)
             if keep is None:
                 class_counts(set(np.unique(label).tolist()) - {background}, true, painted)
-    print(f"{run_dir.name}: {len(heldback)} held-back images, segmentation network "
-          f"{args.seg_model or run_dir / SEG_MODEL}\n")
+            if crf is not None:
+                sub = probs[kept] / np.maximum(probs[kept].sum(axis=0, keepdims=True), 1e-8)
+                refined = kept[crf(sub.astype(np.float32), sample.image).argmax(axis=0)].astype(np.uint8)
+                evaluators[f"{name} + CRF {args.crf}"].add(refined, sample.mask)
+    print(f"{run_dir.name}: {len(heldback)} {'held-back' if args.images == 'heldback' else 'training'} images, "
+          f"segmentation network {args.seg_model or run_dir / SEG_MODEL}"
+          f"{f' at output stride {args.output_stride}' if args.output_stride else ''}\n")
     print("| prediction | J (%) | F (%) | J&F (%) |\n|---|---|---|---|")
     record = {}
     for name, evaluator in evaluators.items():
@@ -97,7 +126,10 @@ def main() -> None:
         p, r = precision_recall(counts)
         record[name] = {"precision": p, "recall": r}
         print(f"| {name} | {100 * p:.1f} | {100 * r:.1f} |")
-    out = run_dir / "heldback" / "final_diagnosis.json"
+    suffix = "".join(f"_{part}" for part in (
+        "training" if args.images == "training" else "", f"os{args.output_stride}" if args.output_stride else "",
+        f"crf_{args.crf}" if args.crf else "") if part)
+    out = run_dir / "heldback" / f"final_diagnosis{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwritten: {out}")

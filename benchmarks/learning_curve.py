@@ -8,6 +8,8 @@ evaluations (or `--max-epochs` is reached).
         [--png docs/img/learning_curve_voc_cam.png]
     # the final segmentation network on a run's fixed pseudo-labels
     python benchmarks/learning_curve.py --stage seg --run runs/voc_cpu [--max-epochs 40] [--every 2]
+    # the AffinityNet on a run's CAMs, judged by its random walk on the held-back CAMs
+    python benchmarks/learning_curve.py --stage affinity --run runs/voc_cpu [--tag T] [overrides]
 
 CAM stage: the split is cam_real_data.py's (`--holdout K`: every K-th image of the sorted ids
 held back; the dataset key `holdout` makes the same split). Training is the trainer `weakseg
@@ -26,6 +28,15 @@ and CRF unless `--scales`) and scored by the evaluate step's code. Writes
 RUN/curve_train_seg/seedS/curve.json (`--tag T`: RUN/curve_train_seg/T_seedS, for a curve
 with other overrides).
 
+Affinity stage: RUN as for the seg stage, with its infer_cam step finished on the training
+images and on the held-back ones (RUN/heldback/infer_cam, written by `pipeline_real_data.py
+--heldback`). The AffinityNet is the one `weakseg train-affinity` trains (train_affinity from
+RUN's config and the overrides, with epochs=MAX) on the training images' CAMs; after each
+scored epoch its random walk (refine.walk) refines the held-back CAMs with refine.background,
+as the refine step does, and the argmax is scored against the held-back masks. Writes
+RUN/curve_train_affinity/[T_]seedS/curve.json. The walk's J is the AffinityNet's only judge:
+its own loss says how well it fits the confident-region labels, not whether the walk helps.
+
 curve.json is written after every evaluation, and the PNG at the end; an interrupted curve
 resumes from the trainer's checkpoint, and a finished one is only printed and drawn again
 (e.g. with another `--png`).
@@ -40,17 +51,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from weakseg.data import build_dataset, dataset_from_file
 from weakseg.data.io import write_text_atomic
+from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.models.factory import build_model, build_seg_model
 from weakseg.report.curves import Series, line_chart_png
 from weakseg.losses.segmentation import SegmentationTerm
-from weakseg.steps import evaluate, infer_cam, pipeline, predict
+from weakseg.steps import evaluate, infer_cam, pipeline, predict, refine
 from weakseg.steps.model_files import save_cam_model, save_seg_model
 from weakseg.steps.train_seg import PseudoLabelReader
 from weakseg.train.trainer import EpochLine, train
 
 from cam_real_data import ROOT, SCHEDULE, dataset_override, write_holdout_split
+
+WALK_INPUTS = ("scores", "probs", "cams")  # refine.walk.input; the affinity curve scores each
 
 DEFAULT_CONFIG = {"voc": "voc_cam_gap.yaml", "nyu": "nyu_cam_gap.yaml"}
 
@@ -153,12 +169,82 @@ def seg_stage(args) -> dict:
             "score": score, "fit": fit}
 
 
+def affinity_stage(args) -> dict:
+    """The AffinityNet of run `args.run`, trained on its training images' CAMs, judged by
+    the random walk's J on its held-back CAMs."""
+    if args.run is None:
+        raise SystemExit("--stage affinity needs --run RUN (a pipeline run folder whose infer_cam step finished)")
+    run_dir = args.run.resolve()
+    heldback_cams = run_dir / "heldback" / "infer_cam"
+    for folder, how in ((run_dir / "infer_cam", "weakseg run CONFIG --to infer_cam"),
+                        (heldback_cams, "python benchmarks/pipeline_real_data.py --config CONFIG --heldback --to infer_cam")):
+        if not (folder / "cams").is_dir():
+            raise SystemExit(f"{folder / 'cams'}: no CAMs; run `{how}` first")
+    overrides = list(args.overrides) + [f"train_affinity.train.epochs={args.max_epochs}",
+                                        f"train_affinity.train.seed={args.seed}"]
+    config, base_dir = pipeline.load_config(run_dir / "config.yaml", overrides)
+    if config.eval_dataset is None:
+        raise SystemExit(f"{run_dir / 'config.yaml'}: no eval_dataset to score the walk on")
+    dataset = build_dataset(config.dataset, base_dir)
+    heldback = build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
+    aff = config.train_affinity or pipeline.train_affinity.TrainAffinityConfig()
+    refine_config = config.refine or refine.RefineConfig()
+    walk = refine_config.walk
+    folder = run_dir / "curve_train_affinity" / (f"{args.tag}_seed{args.seed}" if args.tag else f"seed{args.seed}")
+    import torch
+
+    from weakseg.refine.affinity import AffinityNet, RandomWalk
+    from weakseg.train.affinity import train_affinity
+
+    torch.manual_seed(aff.train.seed)  # as the train_affinity step does before it builds the network
+    model = AffinityNet(aff.backbone, aff.dim, **aff.backbone_args)
+
+    inputs = [refine_config.walk.input] + [v for v in WALK_INPUTS if v != refine_config.walk.input]
+    if refine_config.background == "model":
+        inputs = ["probs"]  # the network's probabilities are its scores; cams needs a CAM background score
+    variants = {name: replace(refine_config, method="affinity_rw", walk=replace(walk, input=name)) for name in inputs}
+
+    def score() -> dict:
+        walker = RandomWalk(model, walk.beta, walk.log_t, walk.radius, pairs=walk.pairs)
+        evaluators = {name: SegEvaluator(heldback.class_names, heldback.background_index) for name in inputs}
+        for i in range(len(heldback)):
+            sample = heldback[i]
+            cam_file = heldback_cams / "cams" / f"{sample.id}.npz"
+            cams, class_ids = refine.load_cams(cam_file)
+            model_probs = refine.load_model_probs(cam_file) if refine_config.background == "model" else None
+            for name, variant in variants.items():  # one forward pass per image (the walker keeps its features)
+                probs, ids = refine.image_probs(cams, class_ids, sample.image, heldback.background_index, variant,
+                                                walker, model_probs)
+                evaluators[name].add(ids[probs.argmax(axis=0)].astype(np.uint8), sample.mask)
+        model.train()  # RandomWalk put it in eval mode
+        metrics = {name: evaluator.headline() for name, evaluator in evaluators.items()}
+        return dict(metrics[inputs[0]], variants={name: {k: m[k] for k in ("miou", "contour_f")}
+                                                  for name, m in metrics.items()})
+
+    def fit(on_epoch) -> None:
+        train_affinity(model, dataset, run_dir / "infer_cam", aff.train, folder / "train_affinity", radius=aff.radius,
+                       pairs=aff.pairs, alphas=aff.alphas(), on_epoch=on_epoch)
+
+    low, high = aff.alphas()
+    return {"folder": folder, "name": f"{run_dir.name} train_affinity",
+            "label": f"AffinityNet of {run_dir.name}: walk on held-back CAMs ({len(dataset)} train, "
+                     f"{len(heldback)} held back), seed {args.seed}",
+            "header": {"run": str(run_dir), "overrides": overrides, "train_images": len(dataset),
+                       "heldback_images": len(heldback), "alphas": [low, high], "backbone": aff.backbone,
+                       "backbone_args": aff.backbone_args, "background": refine_config.background,
+                       "background_constant": refine_config.background_constant,
+                       "background_alpha": refine_config.background_alpha,
+                       "walk": {"beta": walk.beta, "log_t": walk.log_t, "radius": walk.radius, "input": walk.input},
+                       "walk_inputs_scored": inputs},
+            "score": score, "fit": fit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("cam", "seg"), default="cam")
+    parser.add_argument("--stage", choices=("cam", "seg", "affinity"), default="cam")
     parser.add_argument("--dataset", choices=sorted(DEFAULT_CONFIG), help="--stage cam: the dataset")
     parser.add_argument("--config", default=None, help="--stage cam: CAM config in configs/ (default: the GAP baseline)")
-    parser.add_argument("--run", type=Path, default=None, help="--stage seg: the pipeline run folder")
+    parser.add_argument("--run", type=Path, default=None, help="--stage seg, affinity: the pipeline run folder")
     parser.add_argument("--holdout", type=int, default=3)
     parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--every", type=int, default=1, help="evaluate after every k-th epoch")
@@ -168,7 +254,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="held-back inference scales")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curve"), help="--stage cam: where curves go")
-    parser.add_argument("--tag", default=None, help="--stage seg: a name for this curve's folder (curves with "
+    parser.add_argument("--tag", default=None, help="--stage seg, affinity: a name for this curve's folder (curves with "
                         "other overrides of the same run need their own)")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: beside curve.json)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train_cam.train.batch_size=16")
@@ -179,9 +265,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    stage = cam_stage(args) if args.stage == "cam" else seg_stage(args)
+    stage = {"cam": cam_stage, "seg": seg_stage, "affinity": affinity_stage}[args.stage](args)
     folder = stage["folder"]
-    trainer_folder = folder / ("train_cam" if args.stage == "cam" else "train_seg")
+    trainer_folder = folder / f"train_{args.stage}"
 
     curve_path = folder / "curve.json"
     header = dict(stage["header"], stage=args.stage, max_epochs=args.max_epochs, every=args.every,
@@ -214,9 +300,12 @@ def main() -> None:
         metrics = stage["score"]()
         rows.append({"epoch": epoch, "train_loss": line.loss, "miou": metrics["miou"], "contour_f": metrics["contour_f"],
                      "jf": metrics["jf"], "best_threshold": metrics.get("best_threshold"),
-                     "seconds": time.perf_counter() - started})
+                     "seconds": time.perf_counter() - started,
+                     **({"variants": metrics["variants"]} if "variants" in metrics else {})})
+        others = "".join(f"; {name}: J {100 * m['miou']:.1f} F {100 * m['contour_f']:.1f}"
+                         for name, m in metrics.get("variants", {}).items())
         print(f"epoch {epoch:3d}  held-back J {100 * metrics['miou']:5.1f}  F {100 * metrics['contour_f']:5.1f}  "
-              f"({line.strip()})", flush=True)
+              f"({line.strip()}{others})", flush=True)
         converged = stopped_rising([r["miou"] for r in rows], args.patience, args.min_delta)
         write_curve(converged)
         if converged:
@@ -233,17 +322,26 @@ def main() -> None:
     best = max(rows, key=lambda r: r["miou"])
     print(f"\n{'converged' if converged else 'NOT converged (max epochs reached)'}: best held-back J "
           f"{100 * best['miou']:.1f} at epoch {best['epoch']}; curve in {curve_path}\n")
-    print("| epoch | train loss | held-back J (%) | held-back F (%) | threshold | minutes |")
-    print("|---|---|---|---|---|---|")
+    extra = [name for name in rows[-1].get("variants", {}) if name != header.get("walk", {}).get("input")]
+    print("| epoch | train loss | held-back J (%) | held-back F (%) | threshold | minutes |"
+          + "".join(f" J, F walk input {name} (%) |" for name in extra))
+    print("|---|---|---|---|---|---|" + "---|" * len(extra))
     for r in rows:
         threshold = f"{r['best_threshold']:.2f}" if r.get("best_threshold") is not None else "argmax"
+        cells = "".join(f" {100 * r['variants'][n]['miou']:.1f}, {100 * r['variants'][n]['contour_f']:.1f} |"
+                        if n in r.get("variants", {}) else " |" for n in extra)
         print(f"| {r['epoch']} | {r['train_loss']:.3f} | {100 * r['miou']:.1f} | {100 * r['contour_f']:.1f} | {threshold} | "
-              f"{r['seconds'] / 60:.1f} |")
+              f"{r['seconds'] / 60:.1f} |{cells}")
     png = args.png or folder / "curve.png"
     epochs = [r["epoch"] for r in rows]
-    line_chart_png(png, [Series("held-back J", epochs, [100 * r["miou"] for r in rows]),
-                         Series("held-back F", epochs, [100 * r["contour_f"] for r in rows])],
-                   stage["label"], "epoch", "%")
+    series = [Series("held-back J", epochs, [100 * r["miou"] for r in rows]),
+              Series("held-back F", epochs, [100 * r["contour_f"] for r in rows])]
+    names = [name for name in rows[-1].get("variants", {}) if name != header.get("walk", {}).get("input")]
+    for name in names:  # the affinity curve's other walk inputs
+        scored = [r for r in rows if name in r.get("variants", {})]
+        series.append(Series(f"held-back J, walk input {name}", [r["epoch"] for r in scored],
+                             [100 * r["variants"][name]["miou"] for r in scored]))
+    line_chart_png(png, series, stage["label"], "epoch", "%")
     print(f"plot: {png}")
 
 

@@ -498,3 +498,88 @@ def test_an_empty_pair_set_is_one_clear_error():
     with pytest.raises(ConfigError, match="8x8 feature grid has no pairs of the 'psa' set"):
         AffinityTerm(5)({"features": features}, batch, None)
     assert torch.isfinite(AffinityTerm(5, pairs="all")({"features": features}, batch, None))
+
+
+# ----------------------------------------------------------------------------- walk inputs
+
+
+def two_region_case():
+    """Two flat colour regions; one class whose CAM is weak everywhere in the left region
+    (0.3 in its top half, 0.1 in its bottom half) and 0 in the right one. The walk cannot
+    cross the colour edge, so it replaces each cell by the degree-weighted mean of its region,
+    which the top/bottom mirror symmetry makes the plain mean."""
+    h, w = 32, 30
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, :16] = (200, 30, 30)
+    image[:, 16:] = (30, 30, 200)
+    cams = np.zeros((1, h, w), np.float32)
+    cams[0, :16, :16] = 0.3
+    cams[0, 16:, :16] = 0.1
+    return image, cams
+
+
+@pytest.mark.parametrize("walk_input, class_prob_left", [
+    # per-pixel [0.25, cam] / sum first: mean of 0.3/0.55 and 0.1/0.35
+    ("probs", 0.5 * (0.3 / 0.55) + 0.5 * (0.1 / 0.35)),
+    # psa: raw scores walk: background 0.25, class mean 0.2 -> 0.2 / 0.45
+    ("scores", 0.2 / 0.45),
+    # IRN: the CAM walks alone to 0.2 everywhere on the left, over its max -> 1, then 0.25
+    ("cams", 1.0 / 1.25),
+])
+def test_walk_inputs_by_hand(walk_input, class_prob_left):
+    from weakseg.steps.refine import RefineConfig, WalkConfig, image_probs
+
+    image, cams = two_region_case()
+    config = RefineConfig(method="affinity_rw", background="constant", background_constant=0.25,
+                          walk=WalkConfig(pairs="all", input=walk_input))
+    walker = RandomWalk(ColourFeatures(), pairs="all")
+    probs, ids = image_probs(cams, np.array([7]), image, 0, config, walker)
+    assert ids.tolist() == [0, 7]
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    # Columns 0..13 lie between left cell centres only (bilinear blending starts at 14).
+    np.testing.assert_allclose(probs[1, :, :14], class_prob_left, atol=1e-4)
+    assert probs[1, :, 18:].max() < 1e-4  # nothing crosses the edge
+    # Only IRN's order keeps the weak object: the other two hand it to the background.
+    assert ((probs[1, :, :14] > 0.5).all()) == (walk_input == "cams")
+
+
+def test_walker_reuses_features_of_the_same_image_only():
+    calls = []
+
+    class Counting(ColourFeatures):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    image, cams = two_region_case()
+    walker = RandomWalk(Counting(), pairs="all")
+    first = walker.propagate(cams, image)
+    np.testing.assert_array_equal(walker.propagate(cams, image.copy()), first)
+    assert len(calls) == 1
+    other = image.copy()
+    other[:, :16] = (30, 200, 30)
+    walker.propagate(cams, other)
+    assert len(calls) == 2
+
+
+def test_walk_input_needs_cam_scores():
+    from weakseg.errors import ConfigError
+    from weakseg.steps.refine import RefineConfig, WalkConfig
+
+    with pytest.raises(ConfigError, match="refine.walk.input: cams walks the CAMs before the background"):
+        RefineConfig(method="affinity_rw", background="model", walk=WalkConfig(input="cams"))
+    for walk_input in ("scores", "probs"):
+        RefineConfig(method="affinity_rw", background="model", walk=WalkConfig(input=walk_input))
+    assert WalkConfig().input == "scores"  # psa's and SEAM's infer_aff.py (docs/fidelity.md)
+
+
+def test_scores_and_probs_walk_the_same_with_the_network_probabilities():
+    from weakseg.steps.refine import RefineConfig, WalkConfig, image_probs
+
+    image, cams = two_region_case()
+    model_probs = np.stack([1.0 - cams[0], cams[0]])
+    walker = RandomWalk(ColourFeatures(), pairs="all")
+    out = [image_probs(cams, np.array([3]), image, 0, RefineConfig(method="affinity_rw", background="model",
+                       walk=WalkConfig(pairs="all", input=i)), walker, model_probs)[0] for i in ("scores", "probs")]
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_allclose(out[0][1, :, :14], 0.2, atol=1e-4)  # the mean of 0.3 and 0.1

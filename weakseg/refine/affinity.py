@@ -54,6 +54,7 @@ caller's ``cams_to_probs(cams, alpha)``.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -359,24 +360,42 @@ class RandomWalk:
         self.model = model.to(device).eval()
         self.beta, self.log_t, self.radius, self.pairs = beta, log_t, radius, pairs
         self.device = torch.device(device)
+        # The last image's features, keyed by its bytes: walking one image several ways
+        # (refine.walk.input variants) then costs one forward pass. The model is fixed for
+        # the walker's lifetime; build a new walker after training it further.
+        self._cached: tuple[tuple, bytes, torch.Tensor] | None = None
+
+    def features(self, image: np.ndarray) -> torch.Tensor:
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+        if self._cached is None or self._cached[0] != image.shape or self._cached[1] != digest:
+            with torch.no_grad():
+                self._cached = (image.shape, digest, image_features(self.model, image, self.device))
+        return self._cached[2]
 
     def __call__(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray:
         check_inputs(probs, image, self.name)
+        walked = self.propagate(probs, image)
+        return walked / np.maximum(walked.sum(axis=0, keepdims=True), 1e-12)
+
+    def propagate(self, scores: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """Any non-negative scores (K, H, W), distributions or not (psa's raw scores, IRN's
+        CAMs alone: refine.walk.input) -> T^t applied to each channel, (K, H, W) float32, not
+        normalised."""
         h, w = image.shape[:2]
+        if scores.ndim != 3 or scores.shape[1:] != (h, w):
+            raise ValueError(f"{self.name}: scores must be (K, {h}, {w}) for this image, got {scores.shape}")
         s = int(self.model.output_stride)
-        features = image_features(self.model, image, self.device)
+        features = self.features(image)
         grid = features.shape[-2:]
-        scores = torch.from_numpy(np.require(probs, np.float32, ["C", "W"])).to(self.device)
+        values = torch.from_numpy(np.require(scores, np.float32, ["C", "W"])).to(self.device)
         # Replicate padding keeps every padded pixel a distribution (zeros would leak mass).
-        scores = F.pad(scores[None], (0, -w % s, 0, -h % s), mode="replicate")
-        padded_size = scores.shape[-2:]
-        scores = F.adaptive_avg_pool2d(scores, grid)[0]
+        values = F.pad(values[None], (0, -w % s, 0, -h % s), mode="replicate")
+        padded_size = values.shape[-2:]
+        values = F.adaptive_avg_pool2d(values, grid)[0]
         with torch.no_grad():
-            walked = random_walk(scores, features.to(scores.dtype), self.radius, self.beta, self.log_t, self.pairs)
+            walked = random_walk(values, features.to(values.dtype), self.radius, self.beta, self.log_t, self.pairs)
         walked = F.interpolate(walked[None], size=padded_size, mode="bilinear", align_corners=False)[0, :, :h, :w]
-        walked = walked.clamp_min(0.0)
-        walked = walked / walked.sum(dim=0, keepdim=True).clamp_min(1e-12)
-        return walked.cpu().numpy().astype(np.float32)
+        return walked.clamp_min(0.0).cpu().numpy().astype(np.float32)
 
 
 def class_map(

@@ -43,6 +43,37 @@ def cams_to_probs(cams: np.ndarray, alpha: float = 1.0, eps: float = 1e-5) -> np
     return scores / np.maximum(scores.sum(axis=0, keepdims=True), eps)
 
 
+def channel_scores(
+    cams: np.ndarray,
+    class_ids: np.ndarray,
+    background_index: int | None,
+    background: str = "power",
+    alpha: float = 1.0,
+    constant: float = 0.25,
+    model_probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The scores :func:`channel_probs` normalises, before the normalisation: (scores (K, H, W),
+    the label id of each channel, whether they are already a per-pixel distribution). psa's
+    walk takes these raw [(1 - max)^alpha, cams] (refine.walk.input: scores)."""
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    if background == "model":
+        if model_probs is None or model_probs.shape[0] != 1 + len(class_ids):
+            raise ValueError("background 'model' needs the [background, classes] probabilities of infer-cam")
+        if background_index is not None:
+            return model_probs, np.concatenate([[background_index], class_ids]).astype(np.int64), True
+        cams = model_probs[1:]
+    elif background not in ("power", "constant"):
+        raise ValueError(f"background must be power, constant or model; got {background!r}")
+    elif background_index is not None:
+        ids = np.concatenate([[background_index], class_ids]).astype(np.int64)
+        cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
+        score = background_score(cams, alpha) if background == "power" else np.full(cams.shape[1:], constant, np.float32)
+        return np.concatenate([score[None].astype(np.float32), cams]), ids, False
+    if cams.shape[0] == 0:
+        raise ValueError("an image with no class and no background class has nothing to label")
+    return np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0), class_ids, False
+
+
 def channel_probs(
     cams: np.ndarray,
     class_ids: np.ndarray,
@@ -60,28 +91,21 @@ def channel_probs(
                 probabilities (weakseg.models.inference.infer_class_probs), as they are.
     Without a background class (NYUv2) only the present classes count: the CAMs (or the
     model's class probabilities) normalised per pixel, uniform where all are 0."""
-    class_ids = np.asarray(class_ids, dtype=np.int64)
-    if background == "model":
-        if model_probs is None or model_probs.shape[0] != 1 + len(class_ids):
-            raise ValueError("background 'model' needs the [background, classes] probabilities of infer-cam")
-        if background_index is not None:
-            return model_probs, np.concatenate([[background_index], class_ids]).astype(np.int64)
-        cams = model_probs[1:]
-    elif background not in ("power", "constant"):
-        raise ValueError(f"background must be power, constant or model; got {background!r}")
-    elif background_index is not None:
-        ids = np.concatenate([[background_index], class_ids]).astype(np.int64)
-        if background == "power":
-            return cams_to_probs(cams, alpha), ids
-        cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
-        scores = np.concatenate([np.full((1, *cams.shape[1:]), constant, np.float32), cams])
-        return scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5), ids
-    if cams.shape[0] == 0:
-        raise ValueError("an image with no class and no background class has nothing to label")
-    cams = np.clip(np.asarray(cams, dtype=np.float32), 0.0, 1.0)
-    total = cams.sum(axis=0, keepdims=True)
-    probs = np.where(total > 1e-5, cams / np.maximum(total, 1e-5), 1.0 / cams.shape[0]).astype(np.float32)
-    return probs, class_ids
+    scores, ids, is_distribution = channel_scores(cams, class_ids, background_index, background, alpha, constant,
+                                                  model_probs)
+    if is_distribution:
+        return scores, ids
+    return normalise_scores(scores, uniform_where_empty=background_index is None or background == "model"), ids
+
+
+def normalise_scores(scores: np.ndarray, uniform_where_empty: bool = False, eps: float = 1e-5) -> np.ndarray:
+    """Scores (K, H, W) >= 0 divided by their per-pixel sum (at least eps); with
+    `uniform_where_empty`, 1/K where the sum is below eps."""
+    total = scores.sum(axis=0, keepdims=True)
+    probs = scores / np.maximum(total, eps)
+    if uniform_where_empty:
+        probs = np.where(total > eps, probs, 1.0 / scores.shape[0])
+    return probs.astype(np.float32)
 
 
 def check_inputs(probs: np.ndarray, image: np.ndarray, who: str) -> None:

@@ -30,7 +30,7 @@ from weakseg.data.io import atomic_path, read_arrays, write_text_atomic
 from weakseg.errors import ConfigError, DataError
 from weakseg.metrics.evaluator import SegEvaluator, metrics_json
 from weakseg.registry import available, lookup
-from weakseg.refine.base import channel_probs
+from weakseg.refine.base import channel_probs, channel_scores, normalise_scores
 from weakseg.steps.base import Step
 from weakseg.steps.model_files import AFFINITY_MODEL, load_affinity_model
 from weakseg.train.trainer import pick_device
@@ -50,6 +50,15 @@ class WalkConfig:
     # The pair set (weakseg.refine.affinity.PAIR_SETS): psa's (default; no pairs start in the
     # bottom radius-1 rows or the left/right radius-1 columns) or all in-grid pairs.
     pairs: Literal["psa", "all"] = "psa"
+    # What the walk propagates (docs/fidelity.md):
+    #   scores: [background, CAMs] before the per-pixel normalisation, as psa's and SEAM's
+    #           infer_aff.py walk them (the default; with background: model these are the
+    #           network's probabilities, as hfpl walks them);
+    #   probs:  the per-pixel normalised [background, CAMs] every other refiner gets;
+    #   cams:   the CAMs alone, divided by their maximum after the walk, and the background
+    #           score (refine.background) added only then, as IRN's make_sem_seg_labels.py.
+    # The walked scores are normalised per pixel at the end in every case (refiner contract).
+    input: Literal["scores", "probs", "cams"] = "scores"
 
 
 @dataclass
@@ -75,6 +84,10 @@ class RefineConfig:
         allowed = available("refiner") + ["affinity_rw"]
         if self.method not in allowed:
             raise ConfigError(f"refine.method: {self.method!r} is not allowed; allowed values: {', '.join(allowed)}")
+        if self.method == "affinity_rw" and self.walk.input == "cams" and self.background == "model":
+            raise ConfigError("refine.walk.input: cams walks the CAMs before the background score is added, and "
+                              "background: model takes the network's [background, classes] probabilities whole; "
+                              "use input: scores or probs, or background: power / constant")
 
     def extra_reads(self) -> tuple[str, ...]:
         """The random walk needs the AffinityNet that step train_affinity trains."""
@@ -115,6 +128,33 @@ def save_probs(path: Path, probs: np.ndarray, class_ids: np.ndarray) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
+def image_probs(cams: np.ndarray, class_ids: np.ndarray, image: np.ndarray, background_index: int | None,
+                config: RefineConfig, refiner=None, model_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image's refined probabilities (K, H, W) and the label id of each channel, from its
+    max-normalised CAMs: the background score of `config`, then `refiner` (None: kept as they
+    are). The random walk takes what refine.walk.input says (WalkConfig)."""
+    walk_input = config.walk.input if config.method == "affinity_rw" and refiner is not None else "probs"
+    if walk_input == "scores" and config.background == "model":
+        walk_input = "probs"  # the network's probabilities are its scores: the same walk
+    if walk_input == "cams" and len(class_ids):
+        # IRN: the CAMs walk alone; the walked maps over their maximum (over classes and
+        # pixels) are CAMs again, and only then meet the background score.
+        walked = refiner.propagate(cams, image)
+        cams = walked / max(float(walked.max()), 1e-5)
+    probs, channel_ids = channel_probs(cams, class_ids, background_index, config.background, config.background_alpha,
+                                       config.background_constant, model_probs)
+    if probs.shape[0] == 1 or refiner is None:  # one channel: nothing to decide
+        return probs, channel_ids
+    if walk_input == "scores":
+        # psa: the raw [background, CAMs] walk; normalised afterwards for the refiner contract.
+        scores = channel_scores(cams, class_ids, background_index, config.background, config.background_alpha,
+                                config.background_constant)[0]
+        return normalise_scores(refiner.propagate(scores, image)), channel_ids
+    if walk_input == "probs":
+        return refiner(probs, image), channel_ids
+    return probs, channel_ids  # walked already
+
+
 def refine_cams(dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, config: RefineConfig,
                 refiner=None, on_image=None) -> dict:
     """Probabilities of every image from the CAMs in `cam_dir`, refined by `refiner` (None:
@@ -129,12 +169,8 @@ def refine_cams(dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, c
             raise DataError(cam_dir / "cams" / f"{sample.id}.npz", f"CAMs {cams.shape[1:]} do not match the image {sample.image.shape[:2]}")
         cam_path = cam_dir / "cams" / f"{sample.id}.npz"
         model_probs = load_model_probs(cam_path) if config.background == "model" else None
-        probs, channel_ids = channel_probs(
-            cams, class_ids, dataset.background_index, config.background, config.background_alpha,
-            config.background_constant, model_probs,
-        )
-        if refiner is not None and probs.shape[0] > 1:  # one channel: nothing to decide
-            probs = refiner(probs, sample.image)
+        probs, channel_ids = image_probs(cams, class_ids, sample.image, dataset.background_index, config, refiner,
+                                         model_probs)
         # Rounded to float16 here, as stored, so the metrics are those of the saved file.
         probs = probs.astype(np.float16).astype(np.float32)
         save_probs(out / "probs" / f"{sample.id}.npz", probs, channel_ids)
