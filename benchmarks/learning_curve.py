@@ -60,7 +60,7 @@ from weakseg.models.factory import build_model, build_seg_model
 from weakseg.report.curves import Series, line_chart_png
 from weakseg.losses.segmentation import SegmentationTerm
 from weakseg.steps import evaluate, infer_cam, pipeline, predict, refine
-from weakseg.steps.model_files import save_cam_model, save_seg_model
+from weakseg.steps.model_files import CAM_MODEL, save_cam_model, save_seg_model
 from weakseg.steps.train_seg import PseudoLabelReader
 from weakseg.train.trainer import EpochLine, train
 
@@ -146,6 +146,8 @@ def seg_stage(args) -> dict:
 
     torch.manual_seed(seg.train.seed)  # as train_seg does before it builds the network
     model = build_seg_model(seg.model, dataset.num_classes)
+    if seg.backbone_from == "train_cam":
+        pipeline.train_seg.copy_cam_backbone(model, run_dir / CAM_MODEL)
 
     def score() -> dict:
         model_file = folder / "curve_model.pt"
@@ -334,8 +336,9 @@ def main() -> None:
               f"{r['seconds'] / 60:.1f} |{cells}")
     png = args.png or folder / "curve.png"
     epochs = [r["epoch"] for r in rows]
-    series = [Series("held-back J", epochs, [100 * r["miou"] for r in rows]),
-              Series("held-back F", epochs, [100 * r["contour_f"] for r in rows])]
+    primary = f", walk input {header['walk']['input']}" if "walk" in header else ""
+    series = [Series(f"held-back J{primary}", epochs, [100 * r["miou"] for r in rows]),
+              Series(f"held-back F{primary}", epochs, [100 * r["contour_f"] for r in rows])]
     names = [name for name in rows[-1].get("variants", {}) if name != header.get("walk", {}).get("input")]
     for name in names:  # the affinity curve's other walk inputs
         scored = [r for r in rows if name in r.get("variants", {})]

@@ -3,6 +3,7 @@ segmentation network.
 
 Config:  `train_seg: {model, train}` (SegModelConfig, TrainConfig).
 Reads:   RUN/pseudo_labels/labels/<id>.png  (255 is not trained on)
+         RUN/train_cam/cam_model.pt         (only with backbone_from: train_cam)
          the dataset (images only: its masks never reach training)
 Writes:  RUN/train_seg/checkpoint.pt (per epoch, for resuming), log.csv, seg_model.pt (final
          weights + model config + class names, for predict)
@@ -22,12 +23,12 @@ import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import read_label_map
-from weakseg.errors import DataError
+from weakseg.errors import ConfigError, DataError
 from weakseg.losses.segmentation import SegmentationTerm
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.train import distributed
 from weakseg.steps.base import Step
-from weakseg.steps.model_files import SEG_MODEL, save_seg_model
+from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, save_seg_model
 from weakseg.train.trainer import TrainConfig, train
 
 NAME = "train_seg"
@@ -55,6 +56,34 @@ class PseudoLabelReader:
 class TrainSegConfig:
     model: SegModelConfig = field(default_factory=SegModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Where the backbone's starting weights come from: null = model.backbone_args (ImageNet
+    # with pretrained: true); "train_cam" = the run's trained CAM network's backbone (the same
+    # backbone name; the output stride may differ, dilation has no parameters). On 220 VOC
+    # images it starts the network from features that already separate the run's classes
+    # (docs/results.md, "VOC pipeline, every stage on held-back images").
+    backbone_from: str | None = None
+
+    def __post_init__(self):
+        if self.backbone_from not in (None, "train_cam"):
+            raise ConfigError(f"{NAME}.backbone_from: {self.backbone_from!r} is not allowed; allowed values: "
+                              "null, train_cam")
+
+    def extra_reads(self) -> tuple[str, ...]:
+        return ("train_cam",) if self.backbone_from == "train_cam" else ()
+
+
+def copy_cam_backbone(model, cam_model_file: Path) -> None:
+    """The CAM network's backbone weights from `cam_model_file` into `model.backbone`
+    (strict: the same backbone, key for key and shape for shape)."""
+    from weakseg.steps.model_files import load_cam_model
+
+    cam_model, _ = load_cam_model(cam_model_file, torch.device("cpu"))
+    source, target = cam_model.backbone.state_dict(), model.backbone.state_dict()
+    if source.keys() != target.keys() or any(source[k].shape != target[k].shape for k in source):
+        raise DataError(cam_model_file, f"train_seg.backbone_from: train_cam needs the CAM network's backbone "
+                                        f"({type(cam_model.backbone).__name__}, {len(source)} tensors) to equal "
+                                        f"train_seg.model's ({type(model.backbone).__name__}, {len(target)} tensors)")
+    model.backbone.load_state_dict(source)
 
 
 def train_seg(
@@ -65,10 +94,14 @@ def train_seg(
     train_config: TrainConfig,
     on_step=None,
     on_epoch=None,
+    cam_model_file: Path | None = None,
 ) -> dict:
+    """`cam_model_file`: start the backbone from that CAM network's (backbone_from: train_cam)."""
     out = Path(out_dir)
     torch.manual_seed(train_config.seed)
     model = build_seg_model(model_config, dataset.num_classes)
+    if cam_model_file is not None:
+        copy_cam_backbone(model, cam_model_file)
     history = train(
         model,
         dataset,
@@ -86,8 +119,9 @@ def train_seg(
 
 
 def run(config: TrainSegConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
+    cam_model_file = Path(run_dir) / CAM_MODEL if config.backbone_from == "train_cam" else None
     history = train_seg(dataset, Path(run_dir) / "pseudo_labels", Path(run_dir) / NAME, config.model, config.train,
-                        on_step=progress, on_epoch=getattr(progress, "note", None))
+                        on_step=progress, on_epoch=getattr(progress, "note", None), cam_model_file=cam_model_file)
     return {"final_loss": history["epoch_losses"][-1], "epoch_losses": history["epoch_losses"],
             "steps": history["steps"]}
 
