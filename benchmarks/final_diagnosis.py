@@ -127,7 +127,7 @@ def main() -> None:
         record[name] = {"precision": p, "recall": r}
         print(f"| {name} | {100 * p:.1f} | {100 * r:.1f} |")
     suffix = "".join(f"_{part}" for part in (
-        "training" if args.images == "training" else "", f"os{args.output_stride}" if args.output_stride else "",
+        args.seg_model.parent.name if args.seg_model else "", "training" if args.images == "training" else "", f"os{args.output_stride}" if args.output_stride else "",
         f"crf_{args.crf}" if args.crf else "") if part)
     out = run_dir / "heldback" / f"final_diagnosis{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

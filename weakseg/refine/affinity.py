@@ -344,11 +344,12 @@ def image_features(model: nn.Module, image: np.ndarray, device: str | torch.devi
 class RandomWalk:
     """Refiner "affinity_rw": the random walk of a trained AffinityNet (psa eq. 8-10).
 
-    probs (K, H, W) -> edge-padded to a multiple of the stride -> averaged onto the feature
-    grid -> T^t -> bilinear upsampling -> cropped. Walking a distribution with a
-    row-stochastic T and bilinear weights gives a distribution again (renormalised only
-    against rounding). psa walks the raw scores [(1 - max)^alpha, cams]; walking the
-    per-pixel normalised probabilities instead keeps the Refiner contract (sum 1 per pixel).
+    `propagate`: scores (K, H, W) -> edge-padded to a multiple of the stride -> averaged onto
+    the feature grid -> T^t -> bilinear upsampling -> cropped, not normalised. Calling the
+    walker (the Refiner contract) propagates the given probabilities and normalises them per
+    pixel. Which scores the refine step walks (psa's raw [(1 - max)^alpha, cams], the
+    normalised probabilities, or IRN's CAMs alone) is refine.walk.input
+    (weakseg.steps.refine.image_probs; docs/fidelity.md).
     """
 
     name = "affinity_rw"
@@ -388,7 +389,8 @@ class RandomWalk:
         features = self.features(image)
         grid = features.shape[-2:]
         values = torch.from_numpy(np.require(scores, np.float32, ["C", "W"])).to(self.device)
-        # Replicate padding keeps every padded pixel a distribution (zeros would leak mass).
+        # Replicate padding gives a padded pixel its neighbour's scores (psa pads zeros, which
+        # would leak mass out of a distribution; docs/fidelity.md).
         values = F.pad(values[None], (0, -w % s, 0, -h % s), mode="replicate")
         padded_size = values.shape[-2:]
         values = F.adaptive_avg_pool2d(values, grid)[0]

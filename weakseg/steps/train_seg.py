@@ -28,7 +28,7 @@ from weakseg.losses.segmentation import SegmentationTerm
 from weakseg.models.factory import SegModelConfig, build_seg_model
 from weakseg.train import distributed
 from weakseg.steps.base import Step
-from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, save_seg_model
+from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, load_cam_model, save_seg_model
 from weakseg.train.trainer import TrainConfig, train
 
 NAME = "train_seg"
@@ -75,8 +75,6 @@ class TrainSegConfig:
 def copy_cam_backbone(model, cam_model_file: Path) -> None:
     """The CAM network's backbone weights from `cam_model_file` into `model.backbone`
     (strict: the same backbone, key for key and shape for shape)."""
-    from weakseg.steps.model_files import load_cam_model
-
     cam_model, _ = load_cam_model(cam_model_file, torch.device("cpu"))
     source, target = cam_model.backbone.state_dict(), model.backbone.state_dict()
     if source.keys() != target.keys() or any(source[k].shape != target[k].shape for k in source):
