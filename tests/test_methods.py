@@ -1,4 +1,4 @@
-"""One shared test base for every CAM method (plain CAM, SEAM, ViT CAM): each method, with
+"""One shared test base for every CAM method (plain CAM, SEAM, ViT CAM, AuxSegNet+): each method, with
 each add-on set (none, ISL/FSL, DEAL, both), builds from config, gives finite losses, lets
 every term reach the parameters, lowers its loss with one optimisation step, and runs through
 `weakseg train-cam` + `weakseg infer-cam` on synthetic RGB-D data.
@@ -41,6 +41,13 @@ METHODS = {
         # SEAM: classification (or ISL) on both siamese branches; FSL on the full-size CAM;
         # DEAL on the CAM and its PCM-revised CAM (deal eq. 15).
         "reads": {"classification": ["cams", "cams_scaled"], "fsl": ["cams"], "deal": ["cams", "cams_pcm"]},
+    },
+    "auxsegnet": {
+        "model": {"method": "auxsegnet", "backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 4},
+                  "method_args": {"channels": 8}},
+        "base": {},
+        # Its classification branch is a plain CAM head: every add-on reads its CAMs.
+        "reads": {"classification": ["cams"], "fsl": ["cams"], "deal": ["cams"]},
     },
     "vit_cam": {
         "model": {"method": "vit_cam", "backbone": "deit_tiny",

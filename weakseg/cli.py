@@ -117,8 +117,9 @@ class _StepCommand(TyperCommand):
         from weakseg.steps.base import config_keys
 
         step = pipeline.BY_NAME[self.step_name]
-        if step.reads:
-            reads = (f"reads {', '.join(f'RUN/{name}' for name in step.reads)} (the steps before it, finished with "
+        needs = step.reads_for(step.config())  # with the step's defaults (predict: train_seg)
+        if needs:
+            reads = (f"reads {', '.join(f'RUN/{name}' for name in needs)} (the steps before it, finished with "
                      "the same config)")
         else:
             reads = "reads only the dataset"

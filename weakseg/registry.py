@@ -19,7 +19,8 @@ from weakseg.errors import ConfigError
 
 # kind -> modules whose import registers the built-in plug-ins of that kind
 KINDS: dict[str, tuple[str, ...]] = {
-    "method": ("weakseg.models.methods.cam", "weakseg.models.methods.seam", "weakseg.models.methods.vit_cam"),
+    "method": ("weakseg.models.methods.cam", "weakseg.models.methods.seam", "weakseg.models.methods.vit_cam",
+               "weakseg.models.methods.auxsegnet"),
     "refiner": ("weakseg.refine.builders",),
     "loss_term": ("weakseg.losses.classification", "weakseg.losses.fsl", "weakseg.losses.deal", "weakseg.losses.seam"),
     "backbone": ("weakseg.models.backbones.tiny", "weakseg.models.backbones.efficientnet_lite",

@@ -90,7 +90,8 @@ def pad_to(sample: Paired, height: int, width: int, image_fill: Sequence[float] 
     image[:h, :w] = sample.image
     mask = depth = None
     if sample.mask is not None:
-        mask = np.full((out_h, out_w), IGNORE, dtype=sample.mask.dtype)
+        # A target may carry channels after (H, W) (AuxSegNet's labels + saliency): each padded void.
+        mask = np.full((out_h, out_w) + sample.mask.shape[2:], IGNORE, dtype=sample.mask.dtype)
         mask[:h, :w] = sample.mask
     if sample.depth is not None:
         depth = np.full((out_h, out_w), DEPTH_FILL, dtype=sample.depth.dtype)

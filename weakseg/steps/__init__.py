@@ -6,7 +6,8 @@ is `STAGE_OF_STEP` (each Step's `stage`: the results.json stage its metrics fill
 keeps them equal.
 """
 
-STEP_NAMES = ("train_cam", "infer_cam", "train_affinity", "refine", "pseudo_labels", "train_seg", "predict", "evaluate")
+STEP_NAMES = ("train_cam", "infer_cam", "train_affinity", "refine", "pseudo_labels", "label_rounds", "train_seg", "predict",
+              "evaluate")
 STAGE_OF_STEP = {"infer_cam": "cam", "refine": "refined", "pseudo_labels": "pseudo_labels", "evaluate": "final"}
 # The stage metrics results.json keeps.
 METRIC_KEYS = ("miou", "contour_f", "jf", "boundary_iou")

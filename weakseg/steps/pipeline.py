@@ -5,10 +5,12 @@
     RUN/train_affinity/  affinity_model.pt (only with refine.method: affinity_rw)
     RUN/refine/          probs/<id>.npz, refined_metrics.json
     RUN/pseudo_labels/   labels/<id>.png, pseudo_label_metrics.json
+    RUN/label_rounds/    round_<r>/{labels,saliency}/, stage_<s>/, auxsegnet_model.pt (AuxSegNet+)
     RUN/train_seg/       seg_model.pt, checkpoint.pt, log.csv
-    RUN/predict/         pred/<id>.png (on eval_dataset)
+    RUN/predict/         pred/<id>.png (on eval_dataset; from train_seg's network, or label_rounds')
     RUN/evaluate/        metrics.json
-    RUN/results.json     J, F, J&F and boundary IoU per stage: cam, refined, pseudo_labels, final
+    RUN/results.json     J, F, J&F and boundary IoU per stage: cam, refined, pseudo_labels, final;
+                         label_rounds: precision, recall, J and F of every round's labels
 
 A config runs the steps it has a section for (`evaluate: {}` runs one with its defaults), in
 the order above. `weakseg run CONFIG` runs them all; `weakseg <step> CONFIG` runs one, after
@@ -35,13 +37,14 @@ from weakseg.data import build_dataset, check_dataset_mapping, with_absolute_pat
 from weakseg.data.io import write_text_atomic
 from weakseg.errors import ConfigError
 from weakseg.record import folder_lock, run_record
-from weakseg.steps import evaluate, infer_cam, predict, pseudo_labels, refine, stages_and_seconds, train_affinity, train_cam, train_seg
+from weakseg.steps import (evaluate, infer_cam, label_rounds, predict, pseudo_labels, refine, stages_and_seconds,
+                           train_affinity, train_cam, train_seg)
 from weakseg.steps.base import Step, StepFolder, execute, step_hashes
 from weakseg.train import distributed
 from weakseg.metrics.evaluator import metrics_json
 
 STEPS: tuple[Step, ...] = (train_cam.STEP, infer_cam.STEP, train_affinity.STEP, refine.STEP, pseudo_labels.STEP,
-                           train_seg.STEP, predict.STEP, evaluate.STEP)
+                           label_rounds.STEP, train_seg.STEP, predict.STEP, evaluate.STEP)
 BY_NAME = {step.name: step for step in STEPS}
 STEP_NAMES = tuple(BY_NAME)
 
@@ -71,6 +74,7 @@ class PipelineConfig:
     train_affinity: train_affinity.TrainAffinityConfig | None = None
     refine: refine.RefineConfig | None = None
     pseudo_labels: pseudo_labels.PseudoLabelConfig | None = None
+    label_rounds: label_rounds.LabelRoundsConfig | None = None
     train_seg: train_seg.TrainSegConfig | None = None
     predict: predict.PredictConfig | None = None
     evaluate: evaluate.EvaluateConfig | None = None
@@ -283,6 +287,8 @@ def summarize(config: PipelineConfig, run_dir: Path, hashes: dict[str, str]) -> 
     if "pseudo_labels" in finished:
         labels = finished["pseudo_labels"]["result"]
         summary["pseudo_labels"] = {k: labels.get(k) for k in ("labelled_miou", "coverage", "confidence")}
+    if "label_rounds" in finished:
+        summary["label_rounds"] = finished["label_rounds"]["result"]["label_rounds"]
     return summary
 
 

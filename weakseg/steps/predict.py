@@ -2,7 +2,8 @@
 evaluation images -> label maps (scored by the evaluate step).
 
 Config:  `predict: PredictConfig` (scales, flip, crf, device, fold_batchnorm, channels_last).
-Reads:   RUN/train_seg/seg_model.pt, the eval_dataset's images (the dataset's when unset)
+Reads:   RUN/train_seg/seg_model.pt (or RUN/label_rounds/auxsegnet_model.pt with network:
+         label_rounds), the eval_dataset's images (the dataset's when unset)
 Writes:  RUN/predict/pred/<id>.png  palette PNGs, the argmax of the multi-scale + flip
                                     softmax (after a dense CRF when `crf` names a preset)
 """
@@ -17,14 +18,16 @@ import torch
 
 from weakseg.data.base import SegDataset
 from weakseg.data.io import write_label_png
-from weakseg.errors import DataError
+from weakseg.errors import ConfigError, DataError
 from weakseg.models.fold import inference_copy
 from weakseg.models.inference import predict_probs
 from weakseg.steps.base import Step
-from weakseg.steps.model_files import SEG_MODEL, load_seg_model
+from weakseg.steps.model_files import SEG_MODEL, load_cam_model, load_seg_model
 from weakseg.train.trainer import pick_device
 
 NAME = "predict"
+NETWORKS = ("train_seg", "label_rounds")
+LABEL_ROUNDS_MODEL = Path("label_rounds") / "auxsegnet_model.pt"
 
 
 @dataclass
@@ -37,6 +40,16 @@ class PredictConfig:
     # convolutions, NHWC memory. Predictions agree with them off to float rounding.
     fold_batchnorm: bool = True
     channels_last: bool = True
+    # The network that segments: train_seg's (the final DeepLab) or label_rounds' (AuxSegNet+
+    # segments itself: its segmentation refined by the cross-task pairwise affinity, §III-C).
+    network: str = "train_seg"
+
+    def __post_init__(self):
+        if self.network not in NETWORKS:
+            raise ConfigError(f"predict.network: {self.network!r} is not allowed; allowed values: {', '.join(NETWORKS)}")
+
+    def extra_reads(self) -> tuple[str, ...]:
+        return (self.network,)
 
 
 # Channels whose probability never reaches this in an image are left out of the CRF.
@@ -48,7 +61,12 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
     """Label maps of every image of `dataset` into out_dir/pred."""
     out = Path(out_dir)
     dev = pick_device(config.device)
-    model, state = load_seg_model(checkpoint, dev)
+    if config.network == "label_rounds":
+        model, state = load_cam_model(checkpoint, dev)
+        output = model.segmentation_output
+    else:
+        model, state = load_seg_model(checkpoint, dev)
+        output = "seg"
     model = inference_copy(model, config.fold_batchnorm, config.channels_last)
     if list(dataset.class_names) != list(state["class_names"]):
         raise DataError(checkpoint, "the dataset's classes differ from the classes the model was trained on")
@@ -61,7 +79,7 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
         sample = dataset[i]
         # uint8 RGB as it comes (np.require copies read-only cached images, which torch may not wrap)
         rgb = torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1).to(dev)
-        probs = predict_probs(model, rgb, config.scales, config.flip)
+        probs = predict_probs(model, rgb, config.scales, config.flip, output=output)
         probs = probs.cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
         if crf is not None:
             keep = np.flatnonzero(probs.reshape(probs.shape[0], -1).max(axis=1) >= CRF_MIN_PROB)
@@ -76,9 +94,10 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
 
 
 def run(config: PredictConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
-    return predict(Path(run_dir) / SEG_MODEL, dataset, Path(run_dir) / NAME, config, on_image=progress)
+    model_file = SEG_MODEL if config.network == "train_seg" else LABEL_ROUNDS_MODEL
+    return predict(Path(run_dir) / model_file, dataset, Path(run_dir) / NAME, config, on_image=progress)
 
 
 STEP = Step(NAME, PredictConfig, run, "Segment every evaluation image with the trained network (multi-scale + flip "
-            "softmax, optional dense CRF); label maps in pred/.", reads=("train_seg",), dataset="eval",
+            "softmax, optional dense CRF); label maps in pred/.", dataset="eval",
             rank_zero=True)

@@ -77,7 +77,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
     `target(index, sample)` gives a per-sample training target (pseudo-labels, affinity
     labels: (H, W) uint8, 255 ignored), augmented with the image (nearest, padding 255) and
-    batched as "mask". Ground-truth masks never reach training (weak supervision)."""
+    batched as "mask"; an (H, W, 2) target is batched as "mask" (channel 0) and
+    "saliency_mask" (channel 1). Ground-truth masks never reach training (weak supervision)."""
 
     def __init__(
         self,
@@ -119,7 +120,11 @@ class AugmentedDataset(torch.utils.data.Dataset):
         if depth is not None and self.need_depth:
             item["depth"] = torch.from_numpy(np.require(depth, requirements=["C", "W"])).unsqueeze(0)
         if target is not None:
-            item["mask"] = torch.from_numpy(np.require(target, requirements=["C", "W"])).long()
+            target = torch.from_numpy(np.require(target, requirements=["C", "W"])).long()
+            if target.dim() == 3:  # (H, W, 2): segmentation labels and saliency labels (AuxSegNet+)
+                item["mask"], item["saliency_mask"] = target[..., 0].contiguous(), target[..., 1].contiguous()
+            else:
+                item["mask"] = target
         return item
 
 
@@ -356,6 +361,7 @@ def train(
     on_step=None,
     masks: Callable[[str], np.ndarray] | None = None,
     on_epoch: Callable[[str], None] | None = None,
+    stop_when: Callable[[list[float]], bool] | None = None,
 ) -> dict:
     """Train `model` (outputs a dict of named maps) on `dataset`; returns {"epoch_losses": [...]}.
 
@@ -367,7 +373,8 @@ def train(
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
     target = _TargetById(masks) if masks is not None else None
     data = AugmentedDataset(dataset, config.augment, config.seed, need_depth, target)
-    return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator, on_epoch=on_epoch)
+    return fit(model, data, terms, config, out_dir, background_channel, on_step, generator=generator, on_epoch=on_epoch,
+               stop_when=stop_when)
 
 
 class EpochLine(str):
@@ -418,6 +425,7 @@ def fit(
     generator: torch.Generator | None = None,
     checkpoint_extra: dict | None = None,
     on_epoch: Callable[[str], None] | None = None,
+    stop_when: Callable[[list[float]], bool] | None = None,
 ) -> dict:
     """The one training loop of weakseg: CAM methods, the AffinityNet and the segmentation
     network all come through here.
@@ -430,7 +438,9 @@ def fit(
     checkpoint (model, optimiser, terms, RNG states, `checkpoint_extra`) is written atomically;
     a run folder holding one resumes from it. `on_epoch` receives one line per epoch (the
     epoch's mean losses, images/s, ETA), for logs where no progress bar shows; the line is an
-    EpochLine, which also carries those numbers."""
+    EpochLine, which also carries those numbers. `stop_when(epoch_losses)` (e.g.
+    `patience_stop`), asked after each epoch's checkpoint and on resuming, ends training early
+    when it returns True; the result's `stopped_epoch` says after which epoch (None: ran all)."""
     distributed.setup()
     main = distributed.is_main()
     out_dir = Path(out_dir)
@@ -465,10 +475,12 @@ def fit(
     logger = _Logger(out_dir / "log.csv", [t.name for t in terms], resume_epoch=start_epoch) if main else None
     batches = lambda epoch: epoch_batches(len(data), config, epoch, steps_per_epoch)  # noqa: E731
     sampler = _EpochBatchSampler(batches)
-    loader = make_loader(data, sampler, workers, device) if start_epoch < config.epochs else None
+    stopped = start_epoch if stop_when is not None and epoch_losses and stop_when(epoch_losses) else None
+    last_epoch = config.epochs if stopped is None else start_epoch
+    loader = make_loader(data, sampler, workers, device) if start_epoch < last_epoch else None
     waited = looped = received = 0.0  # seconds blocked on the loader, of the loop; last batch time
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(start_epoch, last_epoch):
             sampler.epoch = epoch
             model.train()
             running, seen = 0.0, 0
@@ -544,6 +556,9 @@ def fit(
                     },
                 )
             distributed.barrier()
+            if stop_when is not None and stop_when(epoch_losses):
+                stopped = epoch + 1
+                break
     finally:
         if logger is not None:
             logger.close()
@@ -551,5 +566,22 @@ def fit(
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     # data_wait: the share of the steady steps' time spent waiting for a batch.
-    return {"epoch_losses": epoch_losses, "steps": total_steps, "data_wait": waited / looped if looped else None}
+    return {"epoch_losses": epoch_losses, "steps": total_steps, "data_wait": waited / looped if looped else None,
+            "stopped_epoch": stopped if stopped is not None and stopped < config.epochs else None}
+
+
+def patience_stop(patience: int, min_delta: float = 0.0) -> Callable[[list[float]], bool]:
+    """Early stopping on the epoch losses: True once the lowest loss (lower by more than
+    `min_delta` than every loss before it) is `patience` epochs old."""
+    if patience < 1:
+        raise ConfigError(f"patience: must be >= 1, got {patience}")
+
+    def should_stop(losses: list[float]) -> bool:
+        best, best_epoch = math.inf, -1
+        for epoch, loss in enumerate(losses):
+            if loss < best - min_delta:
+                best, best_epoch = loss, epoch
+        return len(losses) - 1 - best_epoch >= patience
+
+    return should_stop
 
