@@ -366,3 +366,13 @@ def test_label_rounds_refuses_a_plain_cam_network(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(DataError, match="cam_model.pt.*auxsegnet"):
         pipeline.run(path)
+
+
+def test_stage_schedule_defaults_survive_a_partial_train_section():
+    from weakseg.config import from_mapping
+    from weakseg.steps.label_rounds import LabelRoundsConfig
+
+    config = from_mapping(LabelRoundsConfig, {"train": {"lr": 0.002}}, "label_rounds")
+    assert (config.train.epochs, config.train.batch_size, config.train.lr, config.train.weight_decay) == (15, 4, 0.002, 1e-5)
+    with pytest.raises(ConfigError, match="saliency_update"):
+        LabelRoundsConfig(saliency_update="always")

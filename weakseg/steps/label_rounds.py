@@ -69,10 +69,17 @@ class StageLossConfig:
     segmentation: float = 1.0
 
 
-def _stage_train() -> TrainConfig:
-    # §IV-A: SGD, poly LR from 0.001 (power 0.9), batch 4; at most 15 epochs per stage.
-    return TrainConfig(epochs=15, batch_size=4, lr=0.001, weight_decay=1e-5,
-                       augment=AugmentConfig(crop_size=321, scale_range=[0.7, 1.3]))
+@dataclass
+class StageTrainConfig(TrainConfig):
+    """A stage's schedule (§IV-A: SGD, poly LR from 0.001, power 0.9, batch 4; at most 15
+    epochs per stage). A subclass rather than a default instance, so that a config giving only
+    some keys (`train: {lr: 0.002}`) keeps these defaults for the others."""
+
+    epochs: int = 15
+    batch_size: int = 4
+    lr: float = 0.001
+    weight_decay: float = 1e-5
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_size=321, scale_range=[0.7, 1.3]))
 
 
 @dataclass
@@ -97,7 +104,7 @@ class LabelRoundsConfig:
     # their configs set it lower (docs/fidelity.md, "AuxSegNet+").
     saliency_label_threshold: float = 0.5
     loss: StageLossConfig = field(default_factory=StageLossConfig)
-    train: TrainConfig = field(default_factory=_stage_train)
+    train: StageTrainConfig = field(default_factory=StageTrainConfig)
 
     def __post_init__(self):
         if self.stages < 1:
