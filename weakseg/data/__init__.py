@@ -5,7 +5,8 @@ dataclass of keys, see docs/datasets.md; `build(config, base_dir, strict) -> Seg
 path keys) as ``@register("dataset", kind)``. A dataset config is a mapping with `kind:` plus
 that layout's keys; relative paths resolve against `base_dir` (the config file's folder).
 Any layout also takes `holdout: {every, part}` (weakseg.data.holdout): one part of a
-held-back split.
+held-back split; and `boundary_dilation_ratio` (default 0.02): the band of the boundary IoU
+every step scores this dataset with, as a fraction of the image diagonal.
 """
 
 from __future__ import annotations
@@ -33,7 +34,19 @@ def check_dataset_mapping(mapping: Any, prefix: str = "dataset") -> None:
         raise ConfigError(f"{key}: required key is missing; allowed values: {', '.join(available('dataset'))}")
     options = dict(mapping)
     _holdout(options, prefix)
+    _boundary_ratio(options, prefix)
     from_mapping(layout(options.pop("kind"), prefix).config, options, prefix)
+
+
+def _boundary_ratio(options: dict, prefix: str) -> float | None:
+    """Pops and checks the `boundary_dilation_ratio` key every layout accepts."""
+    value = options.pop("boundary_dilation_ratio", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        key = f"{prefix}.boundary_dilation_ratio" if prefix else "boundary_dilation_ratio"
+        raise ConfigError(f"{key}: a fraction of the image diagonal in (0, 1), got {value!r}")
+    return float(value)
 
 
 def _holdout(options: dict, prefix: str) -> HoldoutConfig | None:
@@ -52,10 +65,13 @@ def build_dataset(
     check_dataset_mapping(mapping, prefix)
     options = dict(mapping)
     holdout = _holdout(options, prefix)
+    ratio = _boundary_ratio(options, prefix)
     kind = options.pop("kind")
     found = layout(kind, prefix)
     config = from_mapping(found.config, options, prefix)
     dataset = found.build(config, Path(base_dir) if base_dir is not None else None, strict)
+    if ratio is not None:
+        dataset.boundary_dilation_ratio = ratio
     return dataset if holdout is None else take_part(dataset, holdout)
 
 

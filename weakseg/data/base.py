@@ -98,6 +98,9 @@ class SegDataset:
     ids: list[str] = field(default_factory=list)
     index_problems: list[DataError] = field(default_factory=list)
     name: str = "dataset"
+    # How its predictions are scored: the boundary IoU's band, x the image diagonal (the
+    # dataset key `boundary_dilation_ratio`, any layout; Cheng et al. 0.02, shape cues 0.05).
+    boundary_dilation_ratio: float = 0.02
     # Masks the layout expected but did not find (a mask folder without every image's
     # mask, allowed when labels come from a labels file): no metrics can be computed then.
     absent_masks: list = field(default_factory=list)

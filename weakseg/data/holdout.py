@@ -56,5 +56,5 @@ def take_part(dataset: SegDataset, config: HoldoutConfig) -> SegDataset:
         class_names=dataset.class_names, background_index=dataset.background_index,
         ids=[dataset.ids[i] for i in positions], index_problems=list(dataset.index_problems),
         name=f"{dataset.name} ({config.part}, holdout 1 in {config.every})", absent_masks=absent,
-        source=dataset, positions=tuple(positions),
+        source=dataset, positions=tuple(positions), boundary_dilation_ratio=dataset.boundary_dilation_ratio,
     )

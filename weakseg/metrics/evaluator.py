@@ -28,11 +28,13 @@ CONVENTIONS = {
 }
 
 
-def conventions(background_name: str | None) -> dict:
-    """The conventions text of a summary; the F line says how background was treated."""
+def conventions(background_name: str | None, boundary_dilation_ratio: float = boundary_iou.DEFAULT_DILATION_RATIO) -> dict:
+    """The conventions text of a summary; the F line says how background was treated, the
+    boundary IoU line which band width was used."""
     texts = {k: v for k, v in CONVENTIONS.items() if k != "contour_f_without_background"}
     if background_name is None:
         texts["contour_f"] = CONVENTIONS["contour_f_without_background"]
+    texts["boundary_iou"] = texts["boundary_iou"].replace("0.02 x", f"{boundary_dilation_ratio:g} x")
     return texts
 
 
@@ -51,6 +53,12 @@ class SegEvaluator:
 
     # Every accumulated count: evaluators of disjoint image sets merge by summing these.
     COUNTS = ("cm", "contour_counts", "biou_counts", "num_images")
+
+    @classmethod
+    def for_dataset(cls, dataset) -> "SegEvaluator":
+        """The evaluator a dataset is scored with: its classes, background and boundary-IoU band."""
+        return cls(dataset.class_names, dataset.background_index,
+                   boundary_dilation_ratio=getattr(dataset, "boundary_dilation_ratio", boundary_iou.DEFAULT_DILATION_RATIO))
 
     def __init__(
         self,
@@ -130,5 +138,6 @@ class SegEvaluator:
             "num_images": self.num_images,
             # The class left out of the mean F, by name (null: none; every class counts).
             "background_class": None if self.background_index is None else self.class_names[self.background_index],
-            "conventions": conventions(None if self.background_index is None else self.class_names[self.background_index]),
+            "conventions": conventions(None if self.background_index is None else self.class_names[self.background_index],
+                                       self.boundary_dilation_ratio),
         }

@@ -117,7 +117,7 @@ def run(out_dir: str | Path, quick: bool = False, seed: int = 0, show_progress: 
         threshold, _ = sweep.best()
 
         task = bars.add_task("pseudo-labels + evaluation", total=len(samples))
-        evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+        evaluator = SegEvaluator.for_dataset(dataset)
         for i, (sample, (cams, class_ids)) in enumerate(zip(samples, all_cams)):
             pseudo = cam_to_label(cams, class_ids, threshold, dataset.background_index)
             evaluator.add(pseudo, sample.mask)

@@ -201,7 +201,7 @@ class EvaluateConfig:
 def evaluate_dataset(pred_dir: str | Path, dataset, out_dir: str | Path, on_image=None) -> dict:
     """Every image's prediction pred_dir/<id>.png against its mask; metrics.json into out_dir."""
     pred_dir = Path(pred_dir)
-    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+    evaluator = SegEvaluator.for_dataset(dataset)
     for i in range(len(dataset)):
         sample = dataset[i]
         if sample.mask is None:

@@ -124,7 +124,7 @@ def infer_cams(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path,
         threshold, _ = sweep.best()
     elif threshold is None and dataset.background_index is not None:
         threshold = 0.25
-    evaluator = SegEvaluator(dataset.class_names, dataset.background_index) if has_masks else None
+    evaluator = SegEvaluator.for_dataset(dataset) if has_masks else None
     for sample_id, class_ids, mask in kept:
         with np.load(out / "cams" / f"{sample_id}.npz") as data:
             cams = data["cams"].astype(np.float32)

@@ -213,7 +213,7 @@ def make_round(model, dataset: SegDataset, round_dir: Path, index: int, previous
                source: SaliencySource, config: LabelRoundsConfig, device, on_image=None) -> dict:
     """Round `index`'s labels of every training image into `round_dir` (see module doc)."""
     model.eval()
-    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+    evaluator = SegEvaluator.for_dataset(dataset)
     correct = labelled = valid = 0
     has_masks = True
     for i in range(len(dataset)):

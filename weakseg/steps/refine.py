@@ -160,7 +160,7 @@ def refine_cams(dataset: SegDataset, cam_dir: str | Path, out_dir: str | Path, c
     """Probabilities of every image from the CAMs in `cam_dir`, refined by `refiner` (None:
     kept as they are), into `out_dir`."""
     cam_dir, out = Path(cam_dir), Path(out_dir)
-    evaluator = SegEvaluator(dataset.class_names, dataset.background_index)
+    evaluator = SegEvaluator.for_dataset(dataset)
     has_masks = True
     for i in range(len(dataset)):
         sample = dataset[i]
