@@ -1,4 +1,4 @@
-"""One shared test base for every CAM method (plain CAM, SEAM, ViT CAM, AuxSegNet+): each method, with
+"""One shared test base for every CAM method (plain CAM, SEAM, ViT CAM, AuxSegNet+, shape cues): each method, with
 each add-on set (none, ISL/FSL, DEAL, both), builds from config, gives finite losses, lets
 every term reach the parameters, lowers its loss with one optimisation step, and runs through
 `weakseg train-cam` + `weakseg infer-cam` on synthetic RGB-D data.
@@ -47,6 +47,17 @@ METHODS = {
                   "method_args": {"channels": 8}},
         "base": {},
         # Its classification branch is a plain CAM head: every add-on reads its CAMs.
+        "reads": {"classification": ["cams"], "fsl": ["cams"], "deal": ["cams"]},
+    },
+    "shape_cues": {
+        "model": {"method": "shape_cues", "backbone": "tiny_cnn", "backbone_args": {"width": 8, "output_stride": 8},
+                  "method_args": {"skip_stage": 1, "aspp_channels": 16, "skip_channels": 8, "shape_channels": 8,
+                                  "decoder_channels": 16}},
+        # Its own mask loss (pixel + region on the SPR pseudo-masks) in every recipe; the
+        # add-ons read its score map S (K + 1 channels, background 0). The pixel term's class
+        # mean: SSSS's balancing zeroes images whose mask misses a class, as an untrained
+        # network's masks all do (tests/test_shape_cues.py tests that balancing).
+        "base": {"online_mask": {"pixel": {"balance": "class_mean"}}},
         "reads": {"classification": ["cams"], "fsl": ["cams"], "deal": ["cams"]},
     },
     "vit_cam": {
@@ -98,6 +109,7 @@ def total_loss(model, terms, batch, seed: int = 0) -> torch.Tensor:
     for term in terms:  # ISL's draws: the same samples for every evaluation
         if getattr(term, "generator", None) is not None:
             term.generator.manual_seed(seed)
+    torch.manual_seed(seed)  # stochastic layers (the shape cue module's drops) draw the same twice
     outputs = model(batch["rgb"])
     return sum(term.weight * term(outputs, batch, model.background_channel) for term in terms)
 
@@ -110,7 +122,8 @@ def test_outputs_train_and_eval(method):
     outputs = model(batch["rgb"])
     for name in ("cams", "logits"):
         assert name in outputs, name
-    maps = {k: v for k, v in outputs.items() if v.ndim == 4 and v.shape[1] == NUM_CLASSES}
+    channels = NUM_CLASSES + (model.background_channel is not None)  # + a background channel (shape cues)
+    maps = {k: v for k, v in outputs.items() if v.ndim == 4 and v.shape[1] == channels}
     assert maps, "no class maps"
     for name, value in outputs.items():
         assert torch.isfinite(value).all(), name
@@ -121,7 +134,7 @@ def test_outputs_train_and_eval(method):
     # Inference reads `inference_output`; probabilities come from `score_output`.
     for attr in ("inference_output", "score_output"):
         name = getattr(type(model), attr)
-        assert evaluated[name].shape[:2] == (2, NUM_CLASSES), (attr, name)
+        assert evaluated[name].shape[:2] == (2, channels), (attr, name)
     assert not any(k.endswith("_scaled") for k in evaluated)  # SEAM's second branch: training only
 
 
@@ -132,7 +145,7 @@ def test_every_addon_attaches_and_reaches_the_parameters(method, addon):
     batch = make_batch()
     terms = build_terms(from_mapping(LossConfig, loss_mapping(method, addon), "loss"), torch.Generator().manual_seed(0))
     names = [t.name for t in terms]
-    expected = {"cls"} | ({"fsl"} if "fsl" in ADDONS[addon] else set()) | ({"deal"} if "deal" in ADDONS[addon] else set())
+    expected = {"cls"} | ({"pixel", "region"} if "online_mask" in METHODS[method]["base"] else set()) | ({"fsl"} if "fsl" in ADDONS[addon] else set()) | ({"deal"} if "deal" in ADDONS[addon] else set())
     assert expected <= set(names)
     if method == "seam":
         assert {"er", "ecr", "min_pool"} <= set(names)

@@ -11,9 +11,9 @@ from weakseg.registry import available, lookup, register
 
 
 def test_builtins_are_listed():
-    assert sorted(available("method")) == ["auxsegnet", "cam", "seam", "vit_cam"]
+    assert sorted(available("method")) == ["auxsegnet", "cam", "seam", "shape_cues", "vit_cam"]
     assert {"none", "crf", "pamr", "spr"} <= set(available("refiner"))
-    assert {"classification", "deal", "fsl", "seam"} <= set(available("loss_term"))
+    assert {"classification", "deal", "fsl", "online_mask", "seam"} <= set(available("loss_term"))
     assert {"tiny_cnn", "efficientnet_lite0", "resnet38d", "timm:", "resnet50"} <= set(available("backbone"))
     assert {"voc", "folder", "nyu", "coco", "synthetic"} <= set(available("dataset"))
 

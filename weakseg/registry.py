@@ -20,9 +20,10 @@ from weakseg.errors import ConfigError
 # kind -> modules whose import registers the built-in plug-ins of that kind
 KINDS: dict[str, tuple[str, ...]] = {
     "method": ("weakseg.models.methods.cam", "weakseg.models.methods.seam", "weakseg.models.methods.vit_cam",
-               "weakseg.models.methods.auxsegnet"),
+               "weakseg.models.methods.auxsegnet", "weakseg.models.methods.shape_cues"),
     "refiner": ("weakseg.refine.builders",),
-    "loss_term": ("weakseg.losses.classification", "weakseg.losses.fsl", "weakseg.losses.deal", "weakseg.losses.seam"),
+    "loss_term": ("weakseg.losses.classification", "weakseg.losses.fsl", "weakseg.losses.deal", "weakseg.losses.seam",
+                  "weakseg.losses.region"),
     "backbone": ("weakseg.models.backbones.tiny", "weakseg.models.backbones.efficientnet_lite",
                  "weakseg.models.backbones.resnet38d", "weakseg.models.backbones.timm_models"),
     "dataset": ("weakseg.data.voc", "weakseg.data.folder", "weakseg.data.nyu", "weakseg.data.coco", "weakseg.data.synthetic"),

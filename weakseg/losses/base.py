@@ -6,7 +6,7 @@ ViT CAM "cams_coarse"/"cams_fine"). Over several outputs the value is their mean
 averages the two branches of WeakTr and SEAM (deal eq. 14-15) and ISL/FSL those of WeakTr
 (deal eq. 13). The batch is a dict: "rgb" (B, 3, H, W) in [0, 1] (the network's input; it normalises
 it itself), "labels" (B, C) multi-hot over foreground classes, "depth" (B, 1, H, W) metres.
-The trainer adds `weight_at(epoch) * term.loss(outputs, batch, background_channel)`.
+The trainer adds `weight_at(epoch, progress) * term.loss(outputs, batch, background_channel)`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class LossTerm(torch.nn.Module):
         if not self.reads:
             raise ConfigError(f"loss.{self.name}.reads: name at least one model output")
 
-    def weight_at(self, epoch: int) -> float:
+    def weight_at(self, epoch: int, progress: float = 1.0) -> float:
+        """The weight at `epoch` (from 0); `progress` is the fraction of training done, for
+        terms whose weight ramps within the schedule (e.g. the region loss's lambda)."""
         return 0.0 if epoch < self.warmup_epochs else self.weight
 
     def check_reads(self, outputs: dict) -> None:

@@ -1,9 +1,11 @@
 """The image-level classification term of a CAM network: `loss.classification` of a
 train_cam config.
 
-    classification: {kind: gap | gmp | isl_binomial | isl_multinomial, lam, num_samples, weight, reads}
+    classification: {kind: gap | gmp | logits | isl_binomial | isl_multinomial, lam, num_samples, weight, reads}
 
 gap and gmp: the multi-label soft margin on the spatially pooled class scores (below);
+logits: the same loss on the method's own image-level scores (reads: [logits]; e.g. the nGWP
+scores of shape_cues, shape-cues eq. 1-2);
 isl_binomial (hfpl eq. 5-8) and isl_multinomial (icam eq. 2-6): importance sampling, whose
 formulas are in weakseg.losses.isl.
 """
@@ -30,7 +32,7 @@ def multilabel_soft_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 @dataclass
 class ClassificationConfig:
-    kind: Literal["gap", "gmp", "isl_binomial", "isl_multinomial"] = "gap"
+    kind: Literal["gap", "gmp", "logits", "isl_binomial", "isl_multinomial"] = "gap"
     lam: float | None = None  # None: the paper default (0.2 binomial, 0.8 multinomial)
     num_samples: int | None = None  # None: 10 binomial (hfpl), 100 multinomial (icam)
     weight: float = 1.0
@@ -46,7 +48,7 @@ class ClassificationTerm(LossTerm):
     def __init__(self, config: ClassificationConfig, reads: list[str], generator: torch.Generator | None = None):
         super().__init__(config.weight, 0, reads)
         self.kind = config.kind
-        defaults = {"gap": (0.0, 0), "gmp": (0.0, 0), "isl_binomial": (0.2, 10), "isl_multinomial": (0.8, 100)}[config.kind]
+        defaults = {"gap": (0.0, 0), "gmp": (0.0, 0), "logits": (0.0, 0), "isl_binomial": (0.2, 10), "isl_multinomial": (0.8, 100)}[config.kind]
         self.lam = defaults[0] if config.lam is None else config.lam
         self.num_samples = defaults[1] if config.num_samples is None else config.num_samples
         self.generator = generator
@@ -54,6 +56,11 @@ class ClassificationTerm(LossTerm):
 
     def value(self, scores, batch, background_channel):
         labels = batch["labels"]
+        if self.kind == "logits":
+            if scores.ndim != 2 or scores.shape != labels.shape:
+                raise ConfigError(f"loss.classification.kind: logits reads image-level scores (B, {labels.shape[1]}); "
+                                  f"got {tuple(scores.shape)} (set loss.classification.reads: [logits])")
+            return multilabel_soft_margin(scores, labels)  # shape-cues eq. 2: BCE of sigmoid(v^c)
         if self.kind == "isl_multinomial":
             if background_channel is None:
                 raise ConfigError("train_cam.loss.classification.kind: isl_multinomial needs train_cam.model.background_channel: true")

@@ -6,6 +6,7 @@
     fsl:  {weight: 1.0, gate: r, mu: 2.5, sigma: 5.0, ...}   # optional; losses/fsl.py
     deal: {weight: 0.04, warmup_epochs: 3, ...}              # optional; losses/deal.py
     seam: {er: 1.0, ecr: 1.0, min_pool: 1.0}                 # SEAM's own terms; losses/seam.py
+    online_mask: {refiner: spr, pixel: {...}, region: {...}} # single-stage pseudo-mask terms; losses/region.py
     reads: [cams]
 
 Each section's config dataclass and term sit beside the term's formula, in the module named
@@ -30,6 +31,7 @@ from weakseg.losses.base import LossTerm
 from weakseg.losses.classification import ClassificationConfig
 from weakseg.losses.deal import DEALConfig
 from weakseg.losses.fsl import FSLConfig
+from weakseg.losses.region import OnlineMaskConfig
 from weakseg.losses.seam import SEAMLossConfig
 from weakseg.registry import lookup
 
@@ -40,6 +42,7 @@ class LossConfig:
     fsl: FSLConfig | None = None
     deal: DEALConfig | None = None
     seam: SEAMLossConfig | None = None
+    online_mask: OnlineMaskConfig | None = None
     reads: list[str] = field(default_factory=lambda: ["cams"])
 
 

@@ -3,7 +3,8 @@ evaluation images -> label maps (scored by the evaluate step).
 
 Config:  `predict: PredictConfig` (scales, flip, crf, device, fold_batchnorm, channels_last).
 Reads:   RUN/train_seg/seg_model.pt (or RUN/label_rounds/auxsegnet_model.pt with network:
-         label_rounds), the eval_dataset's images (the dataset's when unset)
+         label_rounds, RUN/train_cam/cam_model.pt with network: train_cam for a single-stage
+         method such as shape_cues), the eval_dataset's images (the dataset's when unset)
 Writes:  RUN/predict/pred/<id>.png  palette PNGs, the argmax of the multi-scale + flip
                                     softmax (after a dense CRF when `crf` names a preset)
 """
@@ -22,12 +23,13 @@ from weakseg.errors import ConfigError, DataError
 from weakseg.models.fold import inference_copy
 from weakseg.models.inference import predict_probs
 from weakseg.steps.base import Step
-from weakseg.steps.model_files import SEG_MODEL, load_cam_model, load_seg_model
+from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, load_cam_model, load_seg_model
 from weakseg.train.trainer import pick_device
 
 NAME = "predict"
-NETWORKS = ("train_seg", "label_rounds")
 LABEL_ROUNDS_MODEL = Path("label_rounds") / "auxsegnet_model.pt"
+MODEL_FILES = {"train_seg": SEG_MODEL, "label_rounds": LABEL_ROUNDS_MODEL, "train_cam": CAM_MODEL}
+NETWORKS = tuple(MODEL_FILES)
 
 
 @dataclass
@@ -40,8 +42,9 @@ class PredictConfig:
     # convolutions, NHWC memory. Predictions agree with them off to float rounding.
     fold_batchnorm: bool = True
     channels_last: bool = True
-    # The network that segments: train_seg's (the final DeepLab) or label_rounds' (AuxSegNet+
-    # segments itself: its segmentation refined by the cross-task pairwise affinity, §III-C).
+    # The network that segments: train_seg's (the final DeepLab), label_rounds' (AuxSegNet+
+    # segments itself: its segmentation refined by the cross-task pairwise affinity, §III-C) or
+    # train_cam's (a single-stage method, e.g. shape_cues: its decoder's prediction, §3.3).
     network: str = "train_seg"
 
     def __post_init__(self):
@@ -61,9 +64,12 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
     """Label maps of every image of `dataset` into out_dir/pred."""
     out = Path(out_dir)
     dev = pick_device(config.device)
-    if config.network == "label_rounds":
+    if config.network in ("label_rounds", "train_cam"):
         model, state = load_cam_model(checkpoint, dev)
-        output = model.segmentation_output
+        output = getattr(model, "segmentation_output", None)
+        if output is None:
+            raise ConfigError(f"predict.network: {config.network}: its method ({type(model).__name__}) makes CAMs, "
+                              "not a segmentation; segment with train_seg's network")
     else:
         model, state = load_seg_model(checkpoint, dev)
         output = "seg"
@@ -94,8 +100,7 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
 
 
 def run(config: PredictConfig, dataset: SegDataset, run_dir: Path, progress=None) -> dict:
-    model_file = SEG_MODEL if config.network == "train_seg" else LABEL_ROUNDS_MODEL
-    return predict(Path(run_dir) / model_file, dataset, Path(run_dir) / NAME, config, on_image=progress)
+    return predict(Path(run_dir) / MODEL_FILES[config.network], dataset, Path(run_dir) / NAME, config, on_image=progress)
 
 
 STEP = Step(NAME, PredictConfig, run, "Segment every evaluation image with the trained network (multi-scale + flip "

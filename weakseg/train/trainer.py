@@ -431,7 +431,7 @@ def fit(
     network all come through here.
 
     `data[(epoch, index)]` gives one sample's tensors ("rgb" (3, H, W) in [0, 1], "labels",
-    optionally "mask", "depth"); the sum of `term.weight_at(epoch) * term(outputs, batch)` is
+    optionally "mask", "depth"); the sum of `term.weight_at(epoch, progress) * term(outputs, batch)` is
     minimised. Per step: this rank's slice of a seeded global batch, loaded by a DataLoader,
     poly LR, autocast (`precision`), backward, optional clipping, step; the global mean of each
     term is logged to log.csv and checked for finiteness (NonFiniteLoss). After every epoch a
@@ -507,7 +507,7 @@ def fit(
                 with autocast(device, config.precision):
                     outputs = _as_outputs(net(rgb))
                     values = [term(outputs, batch, background_channel) for term in terms]
-                    total = sum(term.weight_at(epoch) * v for term, v in zip(terms, values))
+                    total = sum(term.weight_at(epoch, step / total_steps) * v for term, v in zip(terms, values))
                 # Global batch means of every term (sums over ranks of n_r * mean_r), so the
                 # log and the finiteness check are the same on every rank and equal to a
                 # single-process run's.
