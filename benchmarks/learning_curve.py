@@ -2,8 +2,9 @@
 held-back images after every k-th epoch, until held-back J has not risen for `--patience`
 evaluations (or `--max-epochs` is reached).
 
-    # the CAM network (--stage cam, the default)
-    python benchmarks/learning_curve.py --dataset voc --holdout 3 [--config voc_cam_gap.yaml]
+    # the CAM network (--stage cam, the default); --score prediction for a network that
+    # segments itself (configs/voc_shape_cues.yaml)
+    python benchmarks/learning_curve.py --dataset voc --holdout 3 [--config voc_cam_gap.yaml] [--score prediction]
         [--max-epochs 60] [--every 1] [--patience 3] [--threads 2] [--out runs/learning_curve]
         [--png docs/img/learning_curve_voc_cam.png]
     # the final segmentation network on a run's fixed pseudo-labels
@@ -89,7 +90,7 @@ def cam_stage(args) -> dict:
     config_file = args.config or DEFAULT_CONFIG[args.dataset]
     split = args.out / f"{args.dataset}_holdout{args.holdout}"
     train_yaml, heldback_yaml = write_holdout_split(args.dataset, args.holdout, split)
-    folder = split / Path(config_file).stem / f"seed{args.seed}"
+    folder = split / (Path(config_file).stem + (f"_{args.tag}" if args.tag else "")) / f"seed{args.seed}"
     overrides = (SCHEDULE[args.dataset] + [dataset_override(train_yaml)] + list(args.overrides)
                  + [f"train_cam.train.epochs={args.max_epochs}", f"train_cam.train.seed={args.seed}"])
     config, base_dir = pipeline.load_config(ROOT / "configs" / config_file, overrides)
@@ -107,7 +108,17 @@ def cam_stage(args) -> dict:
         scored = folder / "heldback_cams"
         metrics = infer_cam.infer_cams(model_file, heldback, scored, infer_config)
         shutil.rmtree(scored)
-        return metrics
+        if args.score == "cams":
+            return metrics
+        # A single-stage method (shape_cues) segments the images itself: its decoder's argmax
+        # is the curve's judge, as the predict and evaluate steps make and score it; the CAM
+        # metrics go along as the "cam" variant.
+        predicted = folder / "heldback_pred"
+        predict.predict(model_file, heldback, predicted, predict.PredictConfig(scales=list(infer_config.scales),
+                                                                               flip=infer_config.flip, network="train_cam"))
+        final = evaluate.evaluate_dataset(predicted / "pred", heldback, predicted)
+        shutil.rmtree(predicted)
+        return dict(final, variants={"cam": {k: metrics[k] for k in ("miou", "contour_f", "jf")}})
 
     def fit(on_epoch) -> None:
         train(model, dataset, cam.loss, cam.train, folder / "train_cam", background_channel=model.background_channel,
@@ -117,7 +128,7 @@ def cam_stage(args) -> dict:
             f"{len(dataset)} train, {len(heldback)} held back), seed {args.seed}",
             "header": {"config": config_file, "overrides": overrides, "dataset": args.dataset, "holdout": args.holdout,
                        "train_images": len(dataset), "heldback_images": len(heldback), "scales": infer_config.scales,
-                       "flip": infer_config.flip},
+                       "flip": infer_config.flip, "score": args.score},
             "score": score, "fit": fit}
 
 
@@ -254,10 +265,13 @@ def main() -> None:
     parser.add_argument("--min-delta", type=float, default=0.0, help="a rise smaller than this does not count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="held-back inference scales")
+    parser.add_argument("--score", choices=("cams", "prediction"), default="cams",
+                        help="--stage cam: score the held-back CAMs, or (a single-stage method such as shape_cues) "
+                        "the network's own segmentation, with the CAMs as a variant")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curve"), help="--stage cam: where curves go")
-    parser.add_argument("--tag", default=None, help="--stage seg, affinity: a name for this curve's folder (curves with "
-                        "other overrides of the same run need their own)")
+    parser.add_argument("--tag", default=None, help="a name for this curve's folder (curves with other overrides of "
+                        "the same config or run need their own)")
     parser.add_argument("--png", type=Path, default=None, help="where to draw the curve (default: beside curve.json)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train_cam.train.batch_size=16")
     args = parser.parse_args()
