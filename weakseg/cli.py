@@ -172,7 +172,7 @@ def run_pipeline(
     to_step: Optional[str] = typer.Option(None, "--to", help="Stop after this step (e.g. --to refine to compare refiners); results.json then holds the stages so far."),
 ) -> None:
     """Every step the config has a section for, in order: train_cam -> infer_cam ->
-    train_affinity -> refine -> pseudo_labels -> train_seg -> predict -> evaluate. Each step
+    train_affinity -> refine -> pseudo_labels -> label_rounds -> train_seg -> predict -> evaluate. Each step
     writes RUN/<step> and is skipped when it finished earlier with the same config;
     RUN/results.json has J, F, J&F and boundary IoU per stage (cam, refined, pseudo_labels, final)."""
     from weakseg.steps import pipeline
