@@ -40,7 +40,7 @@ def aspp_rates(output_stride: int, base: tuple[int, ...] = ASPP_RATES_OS16) -> t
     return tuple(int(s) for s in scaled)
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
@@ -89,8 +89,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.rates = tuple(int(r) for r in rates)
         self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_channels, channels, 1)]
-            + [_conv_bn_relu(in_channels, channels, 3, dilation=r) for r in self.rates]
+            [conv_bn_relu(in_channels, channels, 1)]
+            + [conv_bn_relu(in_channels, channels, 3, dilation=r) for r in self.rates]
             + [_ImagePooling(in_channels, channels)]
         )
         self.project = nn.Sequential(

@@ -37,7 +37,7 @@ from torch import nn
 
 from weakseg.models.backbones import build_backbone
 from weakseg.models.backbones.norm import NormalisesInput
-from weakseg.models.heads import ASPP, aspp_rates
+from weakseg.models.heads import ASPP, aspp_rates, conv_bn_relu
 from weakseg.registry import register
 
 # §4.1.3, "Shape cue module"
@@ -147,15 +147,10 @@ def size_penalty(scores: torch.Tensor, power: float = 3.0, lam: float = 0.01) ->
 # ----------------------------------------------------------------------------- the modules
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
-
-
 class ShapeCueModule(nn.Module):
     """§3.1.2: drop the low-information (texture) positions of the input features in
     training (eq. 3-4), then a 3x3 conv + BN + ReLU: the shape cues. In eval mode nothing is
-    dropped. `enabled: false` keeps the module out (the Table 5 rows without SCM)."""
+    dropped. `method_args.shape_cues: false` leaves the module out (the Table 5 rows without SCM)."""
 
     def __init__(self, in_channels: int, out_channels: int, radius: int = SCM_RADIUS, samples: int = SCM_SAMPLES,
                  bandwidth: float = SCM_BANDWIDTH, temperature: float = SCM_TEMPERATURE,
@@ -170,7 +165,7 @@ class ShapeCueModule(nn.Module):
                              f"for radius {radius}, got {samples}")
         self.bandwidth, self.temperature, self.drop_rate = float(bandwidth), float(temperature), float(drop_rate)
         self.normalise_distances = bool(normalise_distances)
-        self.conv = _conv_bn_relu(in_channels, out_channels, 3)
+        self.conv = conv_bn_relu(in_channels, out_channels, 3)
 
     def keep_mask(self, features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -202,6 +197,7 @@ class ShapeCuesNet(NormalisesInput, nn.Module):
     score_output = "cams"
     cam_order = "irn"
     segmentation_output = "cams"  # the decoder's prediction is the final result (§3.3)
+    single_stage = True  # train_cam trains its segmentation too: predict.network: train_cam may read it
 
     def __init__(self, num_classes: int, backbone: str = "tiny_cnn", *, shape_cues: bool = True, skip_stage: int = 2,
                  aspp_channels: int = 256, skip_channels: int = 48, shape_channels: int = 48,
@@ -220,14 +216,14 @@ class ShapeCuesNet(NormalisesInput, nn.Module):
         self._tap = _StageTap(stages[skip_stage][-1])
         skip_in = self._probe_skip_channels()
         self.aspp = ASPP(self.backbone.out_channels, aspp_rates(int(self.backbone.output_stride)), aspp_channels)
-        self.skip = _conv_bn_relu(skip_in, skip_channels, 1)
+        self.skip = conv_bn_relu(skip_in, skip_channels, 1)
         self.scm = ShapeCueModule(skip_in, shape_channels, **(scm or {})) if shape_cues else None
         cat = aspp_channels + skip_channels + (shape_channels if shape_cues else 0)
         c = decoder_channels
         self.decoder = nn.Sequential(
-            _conv_bn_relu(cat, c, 3),
-            _conv_bn_relu(c, c, 3), nn.Dropout(0.5),
-            _conv_bn_relu(c, c, 3), nn.Dropout(0.1),
+            conv_bn_relu(cat, c, 3),
+            conv_bn_relu(c, c, 3), nn.Dropout(0.5),
+            conv_bn_relu(c, c, 3), nn.Dropout(0.1),
             nn.Conv2d(c, num_classes, 1),
         )
 
