@@ -303,3 +303,8 @@ def test_predict_refuses_a_cam_method_as_segmenter(tmp_path):
     save_cam_model(tmp_path / "cam_model.pt", model, ModelConfig(), dataset)
     with pytest.raises(ConfigError, match="segment"):
         predict(tmp_path / "cam_model.pt", dataset, tmp_path / "out", PredictConfig(network="train_cam"))
+    # AuxSegNet+ has a segmentation output, but its train_cam step trains only the classifier
+    aux = ModelConfig(method="auxsegnet", method_args={"channels": 8})
+    save_cam_model(tmp_path / "aux_model.pt", build_model(aux, len(dataset.foreground_ids)), aux, dataset)
+    with pytest.raises(ConfigError, match="segment"):
+        predict(tmp_path / "aux_model.pt", dataset, tmp_path / "out", PredictConfig(network="train_cam"))

@@ -67,9 +67,11 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
     if config.network in ("label_rounds", "train_cam"):
         model, state = load_cam_model(checkpoint, dev)
         output = getattr(model, "segmentation_output", None)
-        if output is None:
-            raise ConfigError(f"predict.network: {config.network}: its method ({type(model).__name__}) makes CAMs, "
-                              "not a segmentation; segment with train_seg's network")
+        # train_cam trains a segmentation only for single-stage methods (AuxSegNet+'s train_cam
+        # trains its classification branch alone: its segmentation comes from label_rounds).
+        if output is None or (config.network == "train_cam" and not getattr(model, "single_stage", False)):
+            raise ConfigError(f"predict.network: {config.network}: its method ({type(model).__name__}) does not "
+                              "segment after that step; segment with train_seg's (or label_rounds') network")
     else:
         model, state = load_seg_model(checkpoint, dev)
         output = "seg"
