@@ -7,9 +7,9 @@ per row and seed, printed as mean ± std over the seeds.
 Table 5: baseline (no SCM, colour-only refinement: SPR at alpha 1 = PAMR), +SPR (alpha 0.8),
 +SCM, both. Table 6: alpha in 0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0 (with SCM). Table 8: the
 classification loss alone, + the pixel loss, + the region loss, all three.
-Each row is the config with the row's overrides (`train_cam.train.seed` and
-`infer_cam`-to-`evaluate` unchanged); its run folder is OUT/<config>/<row>/seed<S>, and a
-finished run is only read again (the steps' own bookkeeping). Columns: the pseudo-labels (the
+Each row is `weakseg run` of the config with the row's overrides and `train_cam.train.seed=S`;
+its run folder is OUT/<config>/table<T>/<row>/seed<S>, and a finished run is only read again
+(the steps' own bookkeeping). Columns: the pseudo-labels (the
 online rule on the trained network's SPR-refined scores, training images) and the final
 prediction (eval_dataset when the config has one), J, F and boundary IoU (the dataset's band),
 and the train_cam wall time.
