@@ -277,6 +277,56 @@ def test_torchscript_model_source(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def _brightness_onnx(path, image_size: int) -> None:
+    """The TorchScript test's model, x.mean(channels) * 4 - 2, written as an ONNX graph by hand."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+         helper.make_node("Mul", ["mean", "four"], ["scaled"]),
+         helper.make_node("Sub", ["scaled", "two"], ["logits"])],
+        "brightness",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, image_size, image_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, image_size, image_size])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("four", TensorProto.FLOAT, [], [4.0]),
+                     helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8  # readable by older onnxruntime releases too
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def test_onnx_model_source_matches_the_formula(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "sal.onnx"
+    _brightness_onnx(path, 16)
+    dataset = build_dataset({"kind": "synthetic", "num_images": 1, "image_size": 16})
+    sample = dataset[0]
+    got = S.SaliencySource(S.SaliencyConfig(source="model", model=str(path), model_input="unit"))(sample)
+    want = S.normalise_saliency(1 / (1 + np.exp(-(sample.image.astype(np.float32).mean(-1) / 255 * 4 - 2))))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # ImageNet input: the mean of the normalised channels, by hand.
+    got = S.SaliencySource(S.SaliencyConfig(source="model", model=str(path), model_output="probabilities"))(sample)
+    x = (sample.image.astype(np.float32) / 255 - S.IMAGENET_MEAN) / S.IMAGENET_STD
+    np.testing.assert_allclose(got, S.normalise_saliency(x.mean(-1) * 4 - 2), atol=1e-5)
+
+
+def test_model_source_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        S.SaliencySource(S.SaliencyConfig(source="model", model=str(tmp_path / "missing.onnx")))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a TorchScript file"):
+        S.SaliencySource(S.SaliencyConfig(source="model", model=str(broken)))
+    pytest.importorskip("onnxruntime")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(DataError, match="broken.onnx.*not a loadable ONNX model"):
+        S.SaliencySource(S.SaliencyConfig(source="model", model=str(broken)))
+
+
 def test_opencv_sources_run_offline():
     pytest.importorskip("cv2.saliency")
     dataset = build_dataset({"kind": "synthetic", "num_images": 1, "image_size": 32})

@@ -172,7 +172,10 @@ class _OnnxSaliency:
         except ImportError as err:
             raise ImportError(f"saliency.model: {path} is ONNX; install onnxruntime to run it "
                               "(or export the model to TorchScript)") from err
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own InvalidProtobuf / Fail types, not RuntimeError
+            raise DataError(path, f"not a loadable ONNX model: {err}") from err
 
     def __call__(self, image: np.ndarray, config: SaliencyConfig) -> np.ndarray:
         import cv2
