@@ -11,6 +11,8 @@ evaluations (or `--max-epochs` is reached).
     python benchmarks/learning_curve.py --stage seg --run runs/voc_cpu [--max-epochs 40] [--every 2]
     # the AffinityNet on a run's CAMs, judged by its random walk on the held-back CAMs
     python benchmarks/learning_curve.py --stage affinity --run runs/voc_cpu [--tag T] [overrides]
+    # an AuxSegNet+ stage on a run's round-R labels (configs/voc_auxsegnet.yaml)
+    python benchmarks/learning_curve.py --stage label_rounds --run runs/voc_auxsegnet [--round R] [--every 1]
 
 CAM stage: the split is cam_real_data.py's (`--holdout K`: every K-th image of the sorted ids
 held back; the dataset key `holdout` makes the same split). Training is the trainer `weakseg
@@ -37,6 +39,15 @@ scored epoch its random walk (refine.walk) refines the held-back CAMs with refin
 as the refine step does, and the argmax is scored against the held-back masks. Writes
 RUN/curve_train_affinity/[T_]seedS/curve.json. The walk's J is the AffinityNet's only judge:
 its own loss says how well it fits the confident-region labels, not whether the walk helps.
+
+Label-rounds stage: RUN as for the seg stage, an AuxSegNet+ run (label_rounds in its config)
+whose round R finished (RUN/label_rounds/round_R/metrics.json). The network is the one stage R
+of `weakseg label-rounds` trains: it starts from the weights stage R starts from (train_cam's
+network for R = 0, stage R-1's after), and trains with label_rounds.train (epochs=MAX) and
+eq. 19 on round R's labels. The held-back images are segmented as the predict step does with
+`predict.network: label_rounds` (seg_pairwise, its scales and flip) and scored; the held-back
+CAMs of the classification branch go along as the "cam" variant. The stage's own stopping rule
+(patience on the training loss) plays no part. Writes RUN/curve_label_rounds/[T_]roundR_seedS/.
 
 curve.json is written after every evaluation, and the PNG at the end; an interrupted curve
 resumes from the trainer's checkpoint, and a finished one is only printed and drawn again
@@ -252,12 +263,80 @@ def affinity_stage(args) -> dict:
             "score": score, "fit": fit}
 
 
+def label_rounds_stage(args) -> dict:
+    """Stage `args.round` of AuxSegNet+ run `args.run`, on that round's labels, scored on the
+    run's eval_dataset by the network's own segmentation."""
+    if args.run is None:
+        raise SystemExit("--stage label_rounds needs --run RUN (an auxsegnet run folder whose round R finished)")
+    run_dir = args.run.resolve()
+    rounds_dir = run_dir / "label_rounds"
+    round_dir = rounds_dir / f"round_{args.round}"
+    if not (round_dir / "metrics.json").is_file():
+        raise SystemExit(f"{round_dir}: round {args.round} has not finished; run `weakseg label-rounds` until it has")
+    start = run_dir / CAM_MODEL if args.round == 0 else rounds_dir / f"stage_{args.round - 1}" / "model.pt"
+    if not start.is_file():
+        raise SystemExit(f"{start}: the network stage {args.round} starts from is missing")
+    overrides = list(args.overrides) + [f"label_rounds.train.epochs={args.max_epochs}",
+                                        f"label_rounds.train.seed={args.seed}"]
+    config, base_dir = pipeline.load_config(run_dir / "config.yaml", overrides)
+    if config.eval_dataset is None or config.label_rounds is None:
+        raise SystemExit(f"{run_dir / 'config.yaml'}: needs label_rounds and an eval_dataset (held-back images)")
+    dataset = build_dataset(config.dataset, base_dir)
+    heldback = build_dataset(config.eval_dataset, base_dir, prefix="eval_dataset")
+    rounds = config.label_rounds
+    predict_config = replace(config.predict or predict.PredictConfig(), network="label_rounds")
+    if args.scales:
+        predict_config = replace(predict_config, scales=list(args.scales))
+    folder = run_dir / "curve_label_rounds" / ((f"{args.tag}_" if args.tag else "") + f"round{args.round}_seed{args.seed}")
+    import torch
+
+    from weakseg.models.factory import ModelConfig
+    from weakseg.config import from_mapping
+    from weakseg.steps.label_rounds import RoundTargets, check_model, stage_terms
+    from weakseg.steps.model_files import load_cam_model
+    from weakseg.train.trainer import train as train_stage
+
+    model, state = load_cam_model(start, "cpu")
+    check_model(model, state, dataset, start)
+    model_config = from_mapping(ModelConfig, state["model_config"], "model")
+    infer_config = config.infer_cam or infer_cam.InferCamConfig()
+
+    def score() -> dict:
+        model_file = folder / "curve_model.pt"
+        save_cam_model(model_file, model, model_config, dataset)
+        predicted = folder / "heldback_pred"
+        predict.predict(model_file, heldback, predicted, predict_config)
+        metrics = evaluate.evaluate_dataset(predicted / "pred", heldback, predicted)
+        shutil.rmtree(predicted)
+        scored = folder / "heldback_cams"
+        cams = infer_cam.infer_cams(model_file, heldback, scored, infer_config)
+        shutil.rmtree(scored)
+        return dict(metrics, variants={"cam": {k: cams[k] for k in ("miou", "contour_f", "jf")}})
+
+    def fit(on_epoch) -> None:
+        torch.manual_seed(rounds.train.seed + args.round)  # as label_rounds does before stage R
+        train_stage(model, dataset, stage_terms(model, rounds.loss), rounds.train, folder / "train_label_rounds",
+                    masks=RoundTargets(round_dir, dataset.num_classes, rounds.saliency_label_threshold),
+                    on_epoch=on_epoch)
+
+    return {"folder": folder, "name": f"{run_dir.name} label_rounds stage {args.round}",
+            "label": f"AuxSegNet+ stage {args.round} of {run_dir.name} on round-{args.round} labels "
+                     f"({len(dataset)} train, {len(heldback)} held back), seed {args.seed}",
+            "header": {"run": str(run_dir), "round": args.round, "starts_from": str(start), "overrides": overrides,
+                       "train_images": len(dataset), "heldback_images": len(heldback),
+                       "scales": predict_config.scales, "flip": predict_config.flip},
+            "score": score, "fit": fit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("cam", "seg", "affinity"), default="cam")
+    parser.add_argument("--stage", choices=("cam", "seg", "affinity", "label_rounds"), default="cam")
     parser.add_argument("--dataset", choices=sorted(DEFAULT_CONFIG), help="--stage cam: the dataset")
     parser.add_argument("--config", default=None, help="--stage cam: CAM config in configs/ (default: the GAP baseline)")
-    parser.add_argument("--run", type=Path, default=None, help="--stage seg, affinity: the pipeline run folder")
+    parser.add_argument("--run", type=Path, default=None, help="--stage seg, affinity, label_rounds: the pipeline "
+                        "run folder")
+    parser.add_argument("--round", type=int, default=0, help="--stage label_rounds: the round whose labels stage R "
+                        "trains on")
     parser.add_argument("--holdout", type=int, default=3)
     parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--every", type=int, default=1, help="evaluate after every k-th epoch")
@@ -281,7 +360,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    stage = {"cam": cam_stage, "seg": seg_stage, "affinity": affinity_stage}[args.stage](args)
+    stage = {"cam": cam_stage, "seg": seg_stage, "affinity": affinity_stage,
+             "label_rounds": label_rounds_stage}[args.stage](args)
     folder = stage["folder"]
     trainer_folder = folder / f"train_{args.stage}"
 
@@ -339,8 +419,9 @@ def main() -> None:
     print(f"\n{'converged' if converged else 'NOT converged (max epochs reached)'}: best held-back J "
           f"{100 * best['miou']:.1f} at epoch {best['epoch']}; curve in {curve_path}\n")
     extra = [name for name in rows[-1].get("variants", {}) if name != header.get("walk", {}).get("input")]
+    variant_label = "walk input " if "walk" in header else ""  # the affinity curve's variants are walk inputs
     print("| epoch | train loss | held-back J (%) | held-back F (%) | threshold | minutes |"
-          + "".join(f" J, F walk input {name} (%) |" for name in extra))
+          + "".join(f" J, F {variant_label}{name} (%) |" for name in extra))
     print("|---|---|---|---|---|---|" + "---|" * len(extra))
     for r in rows:
         threshold = f"{r['best_threshold']:.2f}" if r.get("best_threshold") is not None else "argmax"
@@ -354,9 +435,9 @@ def main() -> None:
     series = [Series(f"held-back J{primary}", epochs, [100 * r["miou"] for r in rows]),
               Series(f"held-back F{primary}", epochs, [100 * r["contour_f"] for r in rows])]
     names = [name for name in rows[-1].get("variants", {}) if name != header.get("walk", {}).get("input")]
-    for name in names:  # the affinity curve's other walk inputs
+    for name in names:  # the affinity curve's other walk inputs, the other curves' variants
         scored = [r for r in rows if name in r.get("variants", {})]
-        series.append(Series(f"held-back J, walk input {name}", [r["epoch"] for r in scored],
+        series.append(Series(f"held-back J, {variant_label}{name}", [r["epoch"] for r in scored],
                              [100 * r["variants"][name]["miou"] for r in scored]))
     line_chart_png(png, series, stage["label"], "epoch", "%")
     print(f"plot: {png}")
