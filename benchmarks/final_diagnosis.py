@@ -1,7 +1,8 @@
 """Where the final network loses J on held-back images: the classes it predicts, or where.
 
     python benchmarks/final_diagnosis.py --run runs/voc_cpu [--seg-model PATH] [--threads 1]
-        [--thresholds 0.5 ...] [--crf PRESET] [--output-stride 8] [--images heldback|training]
+        [--thresholds 0.5 ...] [--min-areas 0.01 ...] [--crf PRESET] [--output-stride 8]
+        [--images heldback|training]
 
 RUN is a pipeline run with an eval_dataset (e.g. configs/voc_cpu.yaml). Its segmentation
 network predicts every held-back image (the predict step's scales and flip; `--images
@@ -11,6 +12,9 @@ training` scores the run's training images instead); the argmax is scored severa
 - CAM classifier > t: channels of foreground classes the run's CAM network scores below
   sigmoid t on the image are dropped first (needs no label and no mask), one row per
   `--thresholds` value;
+- classes under a of the image dropped: foreground classes whose free argmax covers less than
+  the fraction a of the image are dropped (`predict.min_class_area`, the background and the
+  largest other class always kept; needs no label), one row per `--min-areas` value;
 - the image's true classes: the same with the image-level labels (an oracle; it is the
   information the CAM stage is given).
 
@@ -37,7 +41,7 @@ from weakseg.data.tensor import rgb_batch
 from weakseg.metrics.evaluator import SegEvaluator
 from weakseg.config import from_mapping
 from weakseg.models.factory import SegModelConfig, build_seg_model
-from weakseg.models.inference import predict_probs
+from weakseg.models.inference import classes_by_area, predict_probs
 from weakseg.refine.crf import DenseCRF
 from weakseg.steps import pipeline, predict
 from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, load_cam_model, load_seg_model
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5],
                         help="CAM-classifier sigmoid thresholds for the class filter (default 0.5)")
+    parser.add_argument("--min-areas", type=float, nargs="+", default=[],
+                        help="rows dropping classes under these fractions of the image (predict.min_class_area)")
     parser.add_argument("--crf", default=None, help="also score every row after this dense-CRF preset")
     parser.add_argument("--output-stride", type=int, default=None, help="rebuild the network at this stride")
     parser.add_argument("--images", choices=("heldback", "training"), default="heldback")
@@ -87,11 +93,13 @@ def main() -> None:
     crf = DenseCRF(args.crf) if args.crf else None
     cam_model, _ = load_cam_model(run_dir / CAM_MODEL, torch.device("cpu"))
     foreground = np.asarray(heldback.foreground_ids)
-    filters = ["free"] + [f"CAM classifier > {t:g}" for t in args.thresholds] + ["the image's true classes (oracle)"]
+    filters = (["free"] + [f"CAM classifier > {t:g}" for t in args.thresholds]
+               + [f"classes under {100 * a:g} % of the image dropped" for a in args.min_areas]
+               + ["the image's true classes (oracle)"])
     variants = filters + ([f"{name} + CRF {args.crf}" for name in filters] if crf else [])
     evaluators = {name: SegEvaluator(heldback.class_names, background) for name in variants}
     cam_classes = {"tp": 0, "fp": 0, "fn": 0}
-    painted = {"tp": 0, "fp": 0, "fn": 0}
+    painted = {name: {"tp": 0, "fp": 0, "fn": 0} for name in filters}
     for i in range(len(heldback)):
         sample = heldback[i]
         rgb = torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1)
@@ -100,14 +108,14 @@ def main() -> None:
             scores = torch.sigmoid(cam_model(rgb_batch([sample.image]))["logits"][0]).numpy()
         true = set(foreground[sample.labels > 0.5].tolist())
         class_counts(set(foreground[scores > 0.5].tolist()), true, cam_classes)
-        keeps = [None] + [set(foreground[scores > t].tolist()) for t in args.thresholds] + [true]
+        by_area = [set(classes_by_area(probs, a, background).tolist()) for a in args.min_areas]
+        keeps = [None] + [set(foreground[scores > t].tolist()) for t in args.thresholds] + by_area + [true]
         for name, keep in zip(filters, keeps):
             kept = np.arange(probs.shape[0]) if keep is None else np.asarray(
                 [c for c in range(probs.shape[0]) if c not in foreground or c in keep])
             label = kept[probs[kept].argmax(axis=0)].astype(np.uint8)
             evaluators[name].add(label, sample.mask)
-            if keep is None:
-                class_counts(set(np.unique(label).tolist()) - {background}, true, painted)
+            class_counts(set(np.unique(label).tolist()) - {background}, true, painted[name])
             if crf is not None:
                 sub = probs[kept] / np.maximum(probs[kept].sum(axis=0, keepdims=True), 1e-8)
                 refined = kept[crf(sub.astype(np.float32), sample.image).argmax(axis=0)].astype(np.uint8)
@@ -122,7 +130,9 @@ def main() -> None:
         record[name] = {k: h[k] for k in ("miou", "contour_f", "jf", "boundary_iou")}
         print(f"| {name} | {100 * h['miou']:.1f} | {100 * h['contour_f']:.1f} | {100 * h['jf']:.1f} |")
     print("\n| classes of an image | precision (%) | recall (%) |\n|---|---|---|")
-    for name, counts in (("CAM classifier (sigmoid > 0.5)", cam_classes), ("painted by the free prediction", painted)):
+    rows = [("CAM classifier (sigmoid > 0.5)", cam_classes)] + [
+        (f"painted by the prediction: {name}", counts) for name, counts in painted.items()]
+    for name, counts in rows:
         p, r = precision_recall(counts)
         record[name] = {"precision": p, "recall": r}
         print(f"| {name} | {100 * p:.1f} | {100 * r:.1f} |")

@@ -221,3 +221,29 @@ def test_predict_probs_of_deeplab_sums_to_one_and_is_flip_equivariant():
 def test_predict_probs_refuses_a_batch():
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         predict_probs(Probe(), torch.rand(1, 3, 8, 8))
+
+
+def test_classes_by_area_by_hand():
+    from weakseg.models.inference import classes_by_area
+
+    # 4 x 5 image, background channel 0: class 1 wins 3 pixels (15 %), class 2 one (5 %)
+    probs = np.zeros((3, 4, 5), np.float32)
+    probs[0] = 0.6
+    probs[1, 0, :3] = 0.9
+    probs[2, 3, 4] = 0.7
+    probs[1, 3, 4] = 0.2  # the pixel class 2 loses goes to background (0.6), not to class 1
+    np.testing.assert_array_equal(classes_by_area(probs, 0.0, 0), [0, 1, 2])
+    np.testing.assert_array_equal(classes_by_area(probs, 0.05, 0), [0, 1, 2])  # 1/20 is not below 5 %
+    keep = classes_by_area(probs, 0.1, 0)
+    np.testing.assert_array_equal(keep, [0, 1])
+    label = keep[probs[keep].argmax(axis=0)]
+    assert label[3, 4] == 0 and (label == 1).sum() == 3
+    # below the bar but the largest object class: kept (every image shows one object)
+    np.testing.assert_array_equal(classes_by_area(probs, 0.2, 0), [0, 1])
+    # no background channel (NYUv2): areas 0.6, 0.3, 0.1; only the largest survives 0.5
+    flat = np.zeros((3, 1, 10), np.float32)
+    flat[0, 0, :6], flat[1, 0, 6:9], flat[2, 0, 9] = 1, 1, 1
+    np.testing.assert_array_equal(classes_by_area(flat, 0.5, None), [0])
+    np.testing.assert_array_equal(classes_by_area(flat, 0.2, None), [0, 1])
+    with pytest.raises(ValueError, match="min_area"):
+        classes_by_area(flat, 1.0, None)

@@ -336,6 +336,30 @@ def test_train_seg_predict_evaluate_on_given_labels(tmp_path):
     for key in ("miou", "contour_f", "jf", "boundary_iou", "precision", "recall"):
         assert metrics[key] == pytest.approx(again[key], abs=1e-12)
     assert result["miou"] == metrics["miou"]
+    # min_class_area: the same predictions with every class under 30 % of the image dropped,
+    # against a pixel-counting loop over the plain probabilities
+    from weakseg.errors import ConfigError
+    from weakseg.models.inference import predict_probs
+    from weakseg.steps.model_files import SEG_MODEL, load_seg_model
+
+    exact = {"scales": [1.0], "fold_batchnorm": False, "channels_last": False}
+    predict.predict(tmp_path / SEG_MODEL, dataset, tmp_path / "filtered",
+                    from_mapping(predict.PredictConfig, dict(exact, min_class_area=0.3)))
+    model, _ = load_seg_model(tmp_path / SEG_MODEL, torch.device("cpu"))
+    dropped_any = False
+    for i in range(len(dataset)):
+        rgb = torch.from_numpy(np.ascontiguousarray(dataset[i].image)).permute(2, 0, 1)
+        probs = predict_probs(model.eval(), rgb, [1.0], True)
+        winner = probs.argmax(axis=0)
+        areas = [(winner == c).mean() for c in range(probs.shape[0])]
+        largest = max(range(1, probs.shape[0]), key=lambda c: areas[c])
+        kept = [c for c in range(probs.shape[0]) if c in (0, largest) or areas[c] >= 0.3]
+        dropped_any |= len(kept) < sum(a > 0 for a in areas)
+        expected = np.asarray(kept)[probs[kept].argmax(axis=0)]
+        np.testing.assert_array_equal(read_label_map(tmp_path / "filtered" / "pred" / f"{dataset.ids[i]}.png"), expected)
+    assert dropped_any  # the filter did something on this data
+    with pytest.raises(ConfigError, match="min_class_area"):
+        from_mapping(predict.PredictConfig, {"min_class_area": 1.5})
     # a label id outside the class range is refused, naming the file
     bad = dataset[0].mask.copy()
     bad[0, 0] = 200

@@ -236,3 +236,31 @@ def predict_probs(
         total = merged if total is None else total + merged
     total /= len(scales) * (2 if flip else 1)
     return total.cpu().numpy().astype(np.float32)
+
+
+def classes_by_area(probs: np.ndarray, min_area: float, background: int | None) -> np.ndarray:
+    """Channels of a (K, H, W) prediction to keep when classes whose argmax region covers less
+    than `min_area` of the image are dropped -> sorted channel indices.
+
+    Why: a final network trained on a few hundred pseudo-labelled images paints about one
+    wrong class per image; where those are small blobs, this drops them without any
+    image-level label (on VOC they were mostly not: docs/results.md, "Small-class filter",
+    +0.2 J at 1 %). The background channel is always kept, and so
+    is the largest other class (every image shows at least one object, and without a
+    background channel, e.g. NYUv2, something must remain). The pixels of a dropped class
+    go to the best kept class of their own scores (the caller's argmax over the kept
+    channels). `min_area` 0 keeps every channel.
+    """
+    if not 0.0 <= min_area < 1.0:
+        raise ValueError(f"min_area must be in [0, 1), got {min_area}")
+    channels = probs.shape[0]
+    if min_area == 0.0:
+        return np.arange(channels)
+    area = np.bincount(probs.argmax(axis=0).ravel(), minlength=channels) / float(probs[0].size)
+    keep = area >= min_area
+    objects = [c for c in range(channels) if c != background]
+    if objects:
+        keep[objects[int(np.argmax(area[objects]))]] = True
+    if background is not None:
+        keep[background] = True
+    return np.flatnonzero(keep)

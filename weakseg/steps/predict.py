@@ -1,12 +1,14 @@
 """Step `predict` (`weakseg predict CONFIG`): the trained segmentation network + the
 evaluation images -> label maps (scored by the evaluate step).
 
-Config:  `predict: PredictConfig` (scales, flip, crf, device, fold_batchnorm, channels_last).
+Config:  `predict: PredictConfig` (scales, flip, crf, min_class_area, device, fold_batchnorm,
+         channels_last).
 Reads:   RUN/train_seg/seg_model.pt (or RUN/label_rounds/auxsegnet_model.pt with network:
          label_rounds, RUN/train_cam/cam_model.pt with network: train_cam for a single-stage
          method such as shape_cues), the eval_dataset's images (the dataset's when unset)
 Writes:  RUN/predict/pred/<id>.png  palette PNGs, the argmax of the multi-scale + flip
-                                    softmax (after a dense CRF when `crf` names a preset)
+                                    softmax (classes under min_class_area of the image
+                                    dropped first; after a dense CRF when `crf` names a preset)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from weakseg.data.base import SegDataset
 from weakseg.data.io import write_label_png
 from weakseg.errors import ConfigError, DataError
 from weakseg.models.fold import inference_copy
-from weakseg.models.inference import predict_probs
+from weakseg.models.inference import classes_by_area, predict_probs
 from weakseg.steps.base import Step
 from weakseg.steps.model_files import CAM_MODEL, SEG_MODEL, load_cam_model, load_seg_model
 from weakseg.train.trainer import pick_device
@@ -46,8 +48,13 @@ class PredictConfig:
     # segments itself: its segmentation refined by the cross-task pairwise affinity, §III-C) or
     # train_cam's (a single-stage method, e.g. shape_cues: its decoder's prediction, §3.3).
     network: str = "train_seg"
+    # Drop foreground classes whose argmax region covers less than this fraction of the image
+    # (weakseg.models.inference.classes_by_area); before the CRF. 0 keeps every class.
+    min_class_area: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.min_class_area < 1.0:
+            raise ConfigError(f"predict.min_class_area: {self.min_class_area!r} must be in [0, 1)")
         if self.network not in NETWORKS:
             raise ConfigError(f"predict.network: {self.network!r} is not allowed; allowed values: {', '.join(NETWORKS)}")
 
@@ -89,12 +96,13 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
         rgb = torch.from_numpy(np.require(sample.image, requirements=["C", "W"])).permute(2, 0, 1).to(dev)
         probs = predict_probs(model, rgb, config.scales, config.flip, output=output)
         probs = probs.cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+        keep = classes_by_area(probs, config.min_class_area, dataset.background_index)
         if crf is not None:
-            keep = np.flatnonzero(probs.reshape(probs.shape[0], -1).max(axis=1) >= CRF_MIN_PROB)
+            keep = keep[probs[keep].reshape(len(keep), -1).max(axis=1) >= CRF_MIN_PROB]
             sub = probs[keep] / np.maximum(probs[keep].sum(axis=0, keepdims=True), 1e-8)
             label = keep[crf(sub.astype(np.float32), sample.image).argmax(axis=0)].astype(np.uint8)
         else:
-            label = probs.argmax(axis=0).astype(np.uint8)
+            label = keep[probs[keep].argmax(axis=0)].astype(np.uint8)
         write_label_png(out / "pred" / f"{sample.id}.png", label)
         if on_image is not None:
             on_image(i + 1, len(dataset))
