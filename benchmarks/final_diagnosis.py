@@ -19,7 +19,8 @@ training` scores the run's training images instead); the argmax is scored severa
   information the CAM stage is given).
 
 `--crf PRESET` adds each row again after a dense CRF (weakseg.refine.crf presets) over the
-channels the row keeps, as `predict.crf` does. `--output-stride 8` rebuilds the network at
+channels the row keeps, with the predict step's own code (weakseg.steps.predict.label_map).
+`--output-stride 8` rebuilds the network at
 that stride with the same weights (the ASPP rates follow the stride), for inference only.
 
 The gap between free and the oracle is what wrong classes cost; the oracle's own gap to the
@@ -113,12 +114,11 @@ def main() -> None:
         for name, keep in zip(filters, keeps):
             kept = np.arange(probs.shape[0]) if keep is None else np.asarray(
                 [c for c in range(probs.shape[0]) if c not in foreground or c in keep])
-            label = kept[probs[kept].argmax(axis=0)].astype(np.uint8)
+            label = predict.label_map(probs, kept, sample.image)
             evaluators[name].add(label, sample.mask)
             class_counts(set(np.unique(label).tolist()) - {background}, true, painted[name])
             if crf is not None:
-                sub = probs[kept] / np.maximum(probs[kept].sum(axis=0, keepdims=True), 1e-8)
-                refined = kept[crf(sub.astype(np.float32), sample.image).argmax(axis=0)].astype(np.uint8)
+                refined = predict.label_map(probs, kept, sample.image, crf)
                 evaluators[f"{name} + CRF {args.crf}"].add(refined, sample.mask)
     print(f"{run_dir.name}: {len(heldback)} {'held-back' if args.images == 'heldback' else 'training'} images, "
           f"segmentation network {args.seg_model or run_dir / SEG_MODEL}"

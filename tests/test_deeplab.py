@@ -247,3 +247,33 @@ def test_classes_by_area_by_hand():
     np.testing.assert_array_equal(classes_by_area(flat, 0.2, None), [0, 1])
     with pytest.raises(ValueError, match="min_area"):
         classes_by_area(flat, 1.0, None)
+
+
+def test_label_map_by_hand_with_and_without_a_crf():
+    from weakseg.steps.predict import CRF_MIN_PROB, label_map
+
+    # 2 x 2 image, 4 channels; channel 3 never reaches CRF_MIN_PROB, channel 1 is not kept
+    probs = np.zeros((4, 2, 2), np.float32)
+    probs[0] = [[0.5, 0.1], [0.2, 0.3]]
+    probs[1] = [[0.4, 0.8], [0.1, 0.1]]
+    probs[2] = [[0.1, 0.1], [0.7, 0.6]]
+    probs[3] = CRF_MIN_PROB / 2
+    keep = np.array([0, 2, 3])
+    # plain argmax over the kept channels: pixel (0, 1) goes to background, not to class 1
+    np.testing.assert_array_equal(label_map(probs, keep, None), [[0, 0], [2, 2]])
+    seen = {}
+
+    def fake_crf(unary, image):
+        seen["unary"], seen["image"] = unary, image
+        out = np.zeros_like(unary)
+        out[1] = 1.0  # the CRF's answer: its second channel everywhere
+        return out
+
+    image = np.zeros((2, 2, 3), np.uint8)
+    label = label_map(probs, keep, image, fake_crf)
+    # channel 3 is left out, so the CRF sees [0, 2] renormalised, and its channel 1 is class 2
+    assert seen["unary"].shape == (2, 2, 2) and seen["image"] is image
+    expected = probs[[0, 2]] / probs[[0, 2]].sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(seen["unary"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(label, [[2, 2], [2, 2]])
+    assert label.dtype == np.uint8

@@ -66,6 +66,18 @@ class PredictConfig:
 CRF_MIN_PROB = 1e-3
 
 
+def label_map(probs: np.ndarray, keep: np.ndarray, image: np.ndarray, crf=None) -> np.ndarray:
+    """(H, W) uint8 label map of (C, H, W) class probabilities over the channels `keep`: their
+    argmax, or with `crf` (a weakseg.refine.crf.DenseCRF) the argmax of the CRF over them,
+    renormalised, leaving out channels that never reach CRF_MIN_PROB in the image."""
+    keep = np.asarray(keep)
+    if crf is None:
+        return keep[probs[keep].argmax(axis=0)].astype(np.uint8)
+    keep = keep[probs[keep].reshape(len(keep), -1).max(axis=1) >= CRF_MIN_PROB]
+    sub = probs[keep] / np.maximum(probs[keep].sum(axis=0, keepdims=True), 1e-8)
+    return keep[crf(sub.astype(np.float32), image).argmax(axis=0)].astype(np.uint8)
+
+
 def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, config: PredictConfig,
             on_image=None) -> dict:
     """Label maps of every image of `dataset` into out_dir/pred."""
@@ -97,12 +109,7 @@ def predict(checkpoint: str | Path, dataset: SegDataset, out_dir: str | Path, co
         probs = predict_probs(model, rgb, config.scales, config.flip, output=output)
         probs = probs.cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
         keep = classes_by_area(probs, config.min_class_area, dataset.background_index)
-        if crf is not None:
-            keep = keep[probs[keep].reshape(len(keep), -1).max(axis=1) >= CRF_MIN_PROB]
-            sub = probs[keep] / np.maximum(probs[keep].sum(axis=0, keepdims=True), 1e-8)
-            label = keep[crf(sub.astype(np.float32), sample.image).argmax(axis=0)].astype(np.uint8)
-        else:
-            label = keep[probs[keep].argmax(axis=0)].astype(np.uint8)
+        label = label_map(probs, keep, sample.image, crf)
         write_label_png(out / "pred" / f"{sample.id}.png", label)
         if on_image is not None:
             on_image(i + 1, len(dataset))
