@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import shutil
 import time
@@ -84,6 +85,17 @@ def dataset_override(path: Path) -> str:
     return "dataset=" + json.dumps(with_absolute_paths(load_dataset_config(path), path.resolve().parent))
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file and rename, and only when it differs: a second
+    invocation running beside the first (other --only rows) must never let the first read a
+    half-written split file."""
+    if path.is_file() and path.read_text() == text:
+        return
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
 def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, Path]:
     """Dataset configs for the images kept for training and every `every`-th one held back
     (sorted ids, positions every-1, 2*every-1, ...), written under `folder`."""
@@ -97,10 +109,10 @@ def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, P
     folder.mkdir(parents=True, exist_ok=True)
     configs = []
     for name, chosen in (("train", kept), ("heldback", held)):
-        (folder / f"{name}_ids.txt").write_text("\n".join(chosen) + "\n")
+        _write_if_changed(folder / f"{name}_ids.txt", "\n".join(chosen) + "\n")
         config = dict(mapping, ids_file=str((folder / f"{name}_ids.txt").resolve()))
         config.pop("split", None)
-        (folder / f"{name}.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+        _write_if_changed(folder / f"{name}.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
         configs.append(folder / f"{name}.yaml")
     print(f"held back {len(held)} of {len(ids)} images (1 in {every}): {folder}", flush=True)
     return configs[0], configs[1]
