@@ -5,7 +5,8 @@ as a share of the classification term's. A loss that cannot move the CAMs cannot
     python benchmarks/loss_gradient_share.py --checkpoint runs/bench_cam/voc/pFSL/seed0/cam_model.pt \
         --config configs/voc_cam_hfpl.yaml [--batches 8] [--batch-size 8]
 
-The batches are the config's training augmentation (seed 0) of its dataset; the terms are the
+The batches are the config's training augmentation (seed 0) of its dataset, the dropout and
+drop-connect masks of train mode seeded too (0); the terms are the
 config's `loss:` section, evaluated at full weight (after any warm-up). Gradients are taken
 w.r.t. the CAM tensor, so they compare the terms where they act, before the backbone.
 """
@@ -36,6 +37,9 @@ def main() -> None:
     config, base_dir = pipeline.load_config(args.config)
     model, _ = load_cam_model(args.checkpoint, torch.device("cpu"))
     model.train()  # BatchNorm as in training; nothing is updated
+    # Train mode also draws the backbone's dropout / drop-connect masks from torch's global
+    # generator; seed it so that the table is the same on every run.
+    torch.manual_seed(0)
     dataset = build_dataset(config.dataset, base_dir)
     terms = build_terms(config.train_cam.loss, torch.Generator().manual_seed(0))
     need_depth = any(getattr(t, "needs_depth", False) for t in terms)
