@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import shutil
 import time
 from pathlib import Path
 
 from weakseg.data.holdout import holdout_positions
+from weakseg.data.io import write_text_atomic
 from weakseg.data import build_dataset, dataset_from_file, load_dataset_config, with_absolute_paths
 from weakseg.steps import infer_cam, pipeline
 
@@ -86,14 +86,10 @@ def dataset_override(path: Path) -> str:
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file and rename, and only when it differs: a second
-    invocation running beside the first (other --only rows) must never let the first read a
-    half-written split file."""
-    if path.is_file() and path.read_text() == text:
-        return
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    """Write `text` atomically, and only when it differs: a second invocation running beside
+    the first (other --only rows) must never let the first read a half-written split file."""
+    if not (path.is_file() and path.read_text() == text):
+        write_text_atomic(path, text)
 
 
 def write_holdout_split(dataset: str, every: int, folder: Path) -> tuple[Path, Path]:
