@@ -20,8 +20,8 @@ with `weakseg train-cam` and evaluated with `weakseg infer-cam` at the config's 
 scales (in-process, same code). Prints a markdown table and writes OUT/<dataset>_summary.json.
 SCHEDULE adds overrides shared by every row of a dataset: the epoch count where the GAP
 baseline's held-back learning curve flattens (VOC 24, NYUv2 20; docs/results.md, "Learning
-curves"), so every row trains the same converged schedule; the NYUv2 SEAM rows override it
-with their own curve's 12. The tables of earlier sessions used
+curves"), so every row trains the same converged schedule. Rows whose config takes its epochs
+from a held-back curve of its own (OWN_SCHEDULE: the NYUv2 SEAM configs) skip it. The tables of earlier sessions used
 4 (VOC) and 2 (NYUv2) epochs: `--set train_cam.train.epochs=4` reproduces one. Each run writes bench_metrics.json in its folder (its CAM arrays are deleted once
 scored unless `--keep-cams`); `--reuse` takes those of
 finished runs instead of training again (after a crash; never across code changes).
@@ -45,8 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DATA = {"voc": ROOT / "configs" / "data" / "voc_shared.yaml", "nyu": ROOT / "configs" / "data" / "nyu_shared.yaml"}
 
-SEAM_NYU_EPOCHS = "train_cam.train.epochs=12"  # after SCHEDULE's, so it wins
-
 # name -> (config file in configs/, overrides). Rows without overrides are the example configs
 # as they are; the single-add-on rows switch one loss term of the baseline on.
 RECIPES = {
@@ -66,12 +64,10 @@ RECIPES = {
         "baseline GAP": ("nyu_cam_gap.yaml", []),
         "+DEAL": ("nyu_cam_deal.yaml", []),
         "+DEAL +ISL/FSL": ("nyu_cam_deal_isl_fsl.yaml", []),
-        # SEAM's own NYUv2 held-back curve peaks at epoch 12 and diverges after it
-        # (docs/results.md): its rows keep their configs' 12 epochs instead of GAP's 20.
-        "SEAM": ("seam_nyu_cpu.yaml", [SEAM_NYU_EPOCHS]),
-        "SEAM +ISL/FSL": ("seam_nyu_cpu_isl_fsl.yaml", [SEAM_NYU_EPOCHS]),
-        "SEAM +DEAL": ("seam_nyu_cpu_deal.yaml", [SEAM_NYU_EPOCHS]),
-        "SEAM +DEAL +ISL/FSL": ("seam_nyu_cpu_deal_isl_fsl.yaml", [SEAM_NYU_EPOCHS]),
+        "SEAM": ("seam_nyu_cpu.yaml", []),
+        "SEAM +ISL/FSL": ("seam_nyu_cpu_isl_fsl.yaml", []),
+        "SEAM +DEAL": ("seam_nyu_cpu_deal.yaml", []),
+        "SEAM +DEAL +ISL/FSL": ("seam_nyu_cpu_deal_isl_fsl.yaml", []),
         "ViT CAM (random init)": ("vit_nyu_cpu.yaml", []),
         "ViT CAM (random init) +ISL/FSL": ("vit_nyu_cpu_isl_fsl.yaml", []),
         "ViT CAM (random init) +DEAL": ("vit_nyu_cpu_deal.yaml", []),
@@ -82,6 +78,17 @@ RECIPES = {
 
 # Overrides shared by every row of a dataset: the CPU-sized schedule on top of the configs.
 SCHEDULE = {"voc": ["train_cam.train.epochs=24"], "nyu": ["train_cam.train.epochs=20"]}
+
+# Configs whose train_cam.train.epochs is their own held-back curve's (the number lives in the
+# config alone), so SCHEDULE does not apply: SEAM's NYUv2 curve peaks at epoch 12 and diverges
+# after it (docs/results.md, "NYUv2, SEAM"); its variants inherit seam_nyu_cpu.yaml's 12.
+OWN_SCHEDULE = {"seam_nyu_cpu.yaml", "seam_nyu_cpu_isl_fsl.yaml", "seam_nyu_cpu_deal.yaml",
+                "seam_nyu_cpu_deal_isl_fsl.yaml"}
+
+
+def schedule_overrides(dataset: str, config_file: str) -> list[str]:
+    """SCHEDULE's overrides for a row, none for a config with its own curve's schedule."""
+    return [] if config_file in OWN_SCHEDULE else list(SCHEDULE[dataset])
 
 
 def dataset_override(path: Path) -> str:
@@ -123,7 +130,7 @@ def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, r
             train_data: Path | None = None, eval_data: Path | None = None, keep_cams: bool = False,
             extra: list[str] | None = None) -> dict:
     config_file, overrides = recipe
-    overrides = (SCHEDULE[dataset] + overrides + ([dataset_override(train_data)] if train_data else [])
+    overrides = (schedule_overrides(dataset, config_file) + overrides + ([dataset_override(train_data)] if train_data else [])
                  + list(extra or []))
     record = out / f"seed{seed}" / "bench_metrics.json"
     if reuse and record.is_file():
@@ -146,7 +153,7 @@ def run_one(dataset: str, recipe: tuple[str, list[str]], seed: int, out: Path, r
     metrics["seconds"] = time.perf_counter() - started
     metrics["final_loss"] = trained["epoch_losses"][-1]
     metrics = {k: metrics.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
-    record.write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(record, json.dumps(metrics, indent=2))
     if not keep_cams:
         # The tables need only the metrics; a NYUv2 run's CAM arrays take about 2.7 GB.
         shutil.rmtree(cam_dir / "cams")
@@ -204,7 +211,8 @@ def main() -> None:
 
     scored = f" scored on {args.eval_data}" if args.eval_data else ""
     print(f"\n{tag}: CAM pseudo-labels{scored}, seeds {args.seeds} (mean ± std over seeds), "
-          f"shared overrides {SCHEDULE[args.dataset] + args.set or 'none'}\n")
+          f"shared overrides {SCHEDULE[args.dataset] + args.set or 'none'} "
+          f"(SCHEDULE's not on {', '.join(sorted(OWN_SCHEDULE)) or 'none'})\n")
     print("| recipe | config | J (%) | F (%) | J&F (%) | threshold | s / run |")
     print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
@@ -222,7 +230,7 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({name: [{k: r.get(k) for k in ("miou", "contour_f", "jf", "best_threshold", "final_loss", "seconds")}
                            for r in runs] for name, runs in results.items()})
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_text_atomic(summary_path, json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
