@@ -25,8 +25,8 @@ and is re-measured on its own). The held-back CAMs are the infer_cam step's
 
 Seg stage: RUN is a pipeline run folder whose config has an `eval_dataset` (the held-back
 images, e.g. configs/voc_cpu.yaml) and whose pseudo_labels step finished. The network is the
-one `weakseg train-seg` trains (train_seg.model, train_seg.train with epochs=MAX), on RUN's
-pseudo-labels; the held-back images are predicted as the predict step does (its scales, flip
+one `weakseg train-seg` trains (train_seg.model, its loss terms, train_seg.train with
+epochs=MAX; weakseg.steps.train_seg.build_network and fit), on RUN's pseudo-labels; the held-back images are predicted as the predict step does (its scales, flip
 and CRF unless `--scales`) and scored by the evaluate step's code. Writes
 RUN/curve_train_seg/seedS/curve.json (`--tag T`: RUN/curve_train_seg/T_seedS, for a curve
 with other overrides).
@@ -68,12 +68,10 @@ import numpy as np
 from weakseg.data import build_dataset, dataset_from_file
 from weakseg.data.io import write_text_atomic
 from weakseg.metrics.evaluator import SegEvaluator
-from weakseg.models.factory import build_model, build_seg_model
+from weakseg.models.factory import build_model
 from weakseg.report.curves import Series, line_chart_png
-from weakseg.losses.segmentation import SegmentationTerm
 from weakseg.steps import evaluate, infer_cam, pipeline, predict, refine
 from weakseg.steps.model_files import CAM_MODEL, save_cam_model, save_seg_model
-from weakseg.steps.train_seg import PseudoLabelReader
 from weakseg.train.trainer import EpochLine, train
 
 from cam_real_data import ROOT, SCHEDULE, dataset_override, write_holdout_split
@@ -164,12 +162,7 @@ def seg_stage(args) -> dict:
     if args.scales:
         predict_config = replace(predict_config, scales=list(args.scales))
     folder = run_dir / "curve_train_seg" / (f"{args.tag}_seed{args.seed}" if args.tag else f"seed{args.seed}")
-    import torch
-
-    torch.manual_seed(seg.train.seed)  # as train_seg does before it builds the network
-    model = build_seg_model(seg.model, dataset.num_classes)
-    if seg.backbone_from == "train_cam":
-        pipeline.train_seg.copy_cam_backbone(model, run_dir / CAM_MODEL)
+    model = pipeline.train_seg.build_network(seg, dataset, run_dir / CAM_MODEL if seg.backbone_from == "train_cam" else None)
 
     def score() -> dict:
         model_file = folder / "curve_model.pt"
@@ -181,8 +174,7 @@ def seg_stage(args) -> dict:
         return metrics
 
     def fit(on_epoch) -> None:
-        train(model, dataset, [SegmentationTerm()], seg.train, folder / "train_seg",
-              masks=PseudoLabelReader(labels, dataset), on_epoch=on_epoch)
+        pipeline.train_seg.fit(model, seg, dataset, labels, folder / "train_seg", on_epoch=on_epoch)
 
     return {"folder": folder, "name": f"{run_dir.name} train_seg",
             "label": f"final network of {run_dir.name} on its pseudo-labels ({len(dataset)} train, "
